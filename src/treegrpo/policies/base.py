@@ -1,0 +1,60 @@
+"""The `Policy` protocol: what the engine needs from an image generator, and nothing more.
+
+A policy wraps one model family (the embedded shapes model, SD3/3.5, FLUX, SD1.5). The engine never
+sees text encoders, VAEs or CFG; it hands the policy noisy samples and step times and gets back the
+model's guided prediction in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The discretisation a rollout walks, for T steps.
+
+    kind: "flow" (rectified flow, velocity prediction) or "ddim" (epsilon-prediction diffusion).
+    times: [T] what the model is called with at step i (sigma for our flow models, the
+        diffusers timestep for others; the policy decides).
+    sigmas: [T + 1] flow noise levels, 1 -> ~0 (kind "flow").
+    alphas_cumprod: [T + 1] alpha-bar at each step's start and the final target (kind "ddim").
+    """
+
+    kind: Literal["flow", "ddim"]
+    times: torch.Tensor
+    sigmas: torch.Tensor | None = None
+    alphas_cumprod: torch.Tensor | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.times.shape[0])
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """An image generator the engine can roll out and train."""
+
+    latent_shape: tuple[int, ...]  # per-sample shape of x, e.g. (3, 16, 16)
+
+    def schedule(self, num_steps: int) -> Schedule:
+        """The step schedule for `num_steps` denoising steps."""
+
+    def encode_prompts(self, prompts: list[str]) -> Any:
+        """Encode prompts once (no grad); the result is passed back to `predict`."""
+
+    def predict(self, x: torch.Tensor, times: torch.Tensor, cond: Any, prompt_index: torch.Tensor) -> torch.Tensor:
+        """Guided model output (velocity or epsilon) in float32.
+
+        x: [B, *latent_shape]; times: [B] (from `Schedule.times`); prompt_index: [B] long rows of
+        `cond`. Differentiable w.r.t. the trainable parameters when grad is enabled.
+        """
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Final latents [B, *latent_shape] -> images [B, 3, H, W] float32 in [0, 1]."""
+
+    def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
+        """The parameters RL updates."""
