@@ -1,0 +1,134 @@
+"""From leaf rewards to one advantage per trained edge (SPEC.md section 4).
+
+1. `combine_rewards`: standardise each reward over its prompt group, weighted sum, standardise again.
+2. `normalize_by_group`: leaf advantage ``(r - mean) / (std + 1e-8)`` over all leaves of a prompt.
+3. `backup`: post-order pass up the tree. A leaf edge carries its leaf's advantage; an internal
+   node's value is the weighted mean of its child edges' advantages ("mean" or "softmax" of the
+   old per-element-mean log-probs with a temperature) and the edge into it carries that value.
+   Single-child links pass values through unchanged, so on a chain this is trajectory-level GRPO.
+4. `normalize_per_depth`: BranchGRPO's rule, each level standardised within its prompt group.
+
+Groups with (numerically) zero spread get zero advantages, never NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Mapping
+
+import torch
+
+from treegrpo.tree import Tree
+
+BackupRule = Literal["mean", "softmax"]
+ZERO_SPREAD = 1e-6  # a group whose std is below this (relative to its scale) has no signal
+
+
+def normalize_by_group(values: torch.Tensor, group: torch.Tensor, *, eps: float = 1e-8, unbiased: bool = False,
+                       global_std: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Standardise `values` [L] within groups `group` [L] (long). Computed in float64.
+
+    unbiased: divide by n - 1 (DanceGRPO) instead of n (population std, TreeGRPO).
+    global_std: subtract the group mean but divide by the std over all values (Flow-GRPO option).
+    mask: [L] bool, entries to use; masked-out entries get 0 and do not enter the statistics.
+    Returns float32 [L]; groups with zero spread give exactly 0.
+    """
+    v = values.double()
+    keep = torch.ones_like(v, dtype=torch.bool) if mask is None else mask.bool()
+    v = torch.where(keep, v, torch.zeros_like(v))
+    g = torch.where(keep, group, torch.zeros_like(group))
+    num_groups = int(group.max()) + 1 if group.numel() else 0
+    weight = keep.double()
+    count = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, g, weight)
+    mean = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, g, v * weight) / count.clamp(min=1)
+    centred = (v - mean[g]) * weight
+    ddof = 1 if unbiased else 0
+    if global_std:
+        n = weight.sum()
+        std = torch.sqrt((centred**2).sum() / (n - ddof).clamp(min=1)).expand(num_groups)
+    else:
+        var = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, g, centred**2) / (count - ddof).clamp(min=1)
+        std = torch.sqrt(var)
+    scale = torch.zeros(num_groups, dtype=torch.float64).scatter_reduce(0, g, v.abs() * weight, "amax")
+    flat = std <= ZERO_SPREAD * scale.clamp(min=1.0)
+    adv = centred / (std[g] + eps)
+    adv = torch.where(flat[g] | ~keep, torch.zeros_like(adv), adv)
+    return adv.float()
+
+
+def combine_rewards(rewards: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None,
+                    group: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-reward combination: standardise each reward [L] within its group, take the weighted
+    sum, standardise again. A single reward is returned as is (leaf normalisation follows)."""
+    if not rewards:
+        raise ValueError("no rewards to combine")
+    if len(rewards) == 1:
+        return next(iter(rewards.values())).float()
+    weights = weights or {name: 1.0 for name in rewards}
+    missing = set(rewards) - set(weights)
+    if missing:
+        raise ValueError(f"no weight for rewards {sorted(missing)}")
+    total = sum(weights[name] * normalize_by_group(r, group, mask=mask) for name, r in rewards.items())
+    return normalize_by_group(total, group, mask=mask)
+
+
+def backup(tree: Tree, leaf_advantages: torch.Tensor, rule: BackupRule = "mean",
+           temperature: float = 1.0, leaf_mask: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+    """Per-level edge advantages: result[i] is [N_i], the advantage of the edge into each node of
+    level i (result[0] is None: roots have no incoming edge). leaf_advantages: [N_T].
+
+    rule "softmax" weights siblings by softmax(old log-prob / temperature) of their edges
+    (per-element-mean log-probs, where siblings differ by ~1e-3, so the weights stay near uniform;
+    summed log-densities would make them one-hot). Single children pass values through.
+    leaf_mask: [N_T] bool, leaves to use (e.g. finite rewards); masked subtrees get no weight in
+    their parents' means, and a node whose leaves are all masked gets 0.
+    """
+    if rule not in ("mean", "softmax"):
+        raise ValueError(f"backup rule must be 'mean' or 'softmax', got {rule!r}")
+    if temperature <= 0:
+        raise ValueError(f"softmax temperature must be > 0, got {temperature}")
+    steps = tree.num_steps
+    if leaf_advantages.shape != tree.prompt[steps].shape:
+        raise ValueError(f"expected {tree.prompt[steps].shape[0]} leaf advantages, got {tuple(leaf_advantages.shape)}")
+    edge: list[torch.Tensor | None] = [None] * (steps + 1)
+    valid = torch.ones(leaf_advantages.shape, dtype=torch.bool) if leaf_mask is None else leaf_mask.bool()
+    edge[steps] = torch.where(valid, leaf_advantages.float(), torch.zeros_like(leaf_advantages.float()))
+    for level in range(steps, 0, -1):
+        values = edge[level]
+        parent = tree.parent[level]
+        num_parents = tree.prompt[level - 1].shape[0]
+        if tree.shape.branching[level - 1] == 1:
+            node_value = values  # a single child passes its value through unchanged
+        else:
+            weights = valid.double()
+            if rule == "softmax":
+                lp = tree.log_prob[level]
+                if lp is None:
+                    raise ValueError(f"softmax backup needs the log-probs of step {level - 1}")
+                logits = lp.double() / temperature
+                top = torch.full((num_parents,), -torch.inf, dtype=torch.float64).scatter_reduce(0, parent, logits, "amax")
+                weights = weights * torch.exp(logits - top[parent])
+            norm = torch.zeros(num_parents, dtype=torch.float64).index_add_(0, parent, weights)
+            total = torch.zeros(num_parents, dtype=torch.float64).index_add_(0, parent, weights * values.double())
+            node_value = (total / norm.clamp(min=1e-300)).float()
+            valid = torch.zeros(num_parents, dtype=torch.float64).index_add_(0, parent, valid.double()) > 0
+        edge[level - 1] = node_value
+    edge[0] = None
+    return edge
+
+
+def normalize_per_depth(tree: Tree, edge_advantages: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """BranchGRPO's depth-wise normalisation: standardise each level's edge values within each
+    prompt group (all trees of the prompt)."""
+    return [None if a is None else normalize_by_group(a, tree.prompt[i]) for i, a in enumerate(edge_advantages)]
+
+
+def tree_advantages(tree: Tree, rewards: Mapping[str, torch.Tensor], *, weights: Mapping[str, float] | None = None,
+                    rule: BackupRule = "mean", temperature: float = 1.0, per_depth: bool = False,
+                    unbiased: bool = False, global_std: bool = False,
+                    mask: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+    """The whole chain: rewards per leaf ({name: [L]}) -> per-level edge advantages."""
+    group = tree.leaf_prompt
+    combined = combine_rewards(rewards, weights, group, mask=mask)
+    leaf = normalize_by_group(combined, group, unbiased=unbiased, global_std=global_std, mask=mask)
+    edges = backup(tree, leaf, rule=rule, temperature=temperature, leaf_mask=mask)
+    return normalize_per_depth(tree, edges) if per_depth else edges
