@@ -285,10 +285,13 @@ class EdgeBatch:
         return int(self.edge_node.shape[0])
 
     def select_nodes(self, nodes: torch.Tensor) -> EdgeBatch:
-        """The sub-batch of the given node rows with all their edges (node order kept as given)."""
+        """The sub-batch of the given node rows with all their edges (node order kept as given,
+        edges sorted by node)."""
         remap = torch.full((self.num_nodes,), -1, dtype=torch.long)
         remap[nodes] = torch.arange(nodes.shape[0])
         edges = torch.nonzero(remap[self.edge_node] >= 0).squeeze(1)
+        # Edges ordered by their new node row: contiguous node chunks then hold contiguous edges.
+        edges = edges[torch.sort(remap[self.edge_node[edges]], stable=True).indices]
         return EdgeBatch(self.x[nodes], self.step[nodes], self.prompt[nodes], remap[self.edge_node[edges]],
                          self.child[edges], self.old_log_prob[edges], self.advantage[edges])
 

@@ -58,3 +58,26 @@ class Policy(Protocol):
 
     def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
         """The parameters RL updates."""
+
+    def trainable_module(self) -> torch.nn.Module:
+        """The module holding the trainable parameters (checkpoints save its trainable entries)."""
+
+
+def trainable_state_dict(policy: Policy) -> dict[str, torch.Tensor]:
+    """Named trainable parameters of a policy, for checkpoints."""
+    wanted = {id(p) for p in policy.trainable_parameters()}
+    return {name: p.detach() for name, p in policy.trainable_module().named_parameters() if id(p) in wanted}
+
+
+def load_trainable_state_dict(policy: Policy, weights: dict[str, torch.Tensor]) -> None:
+    """Load checkpoint weights into the policy's trainable parameters; names and shapes must match."""
+    own = trainable_state_dict(policy)
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    params = dict(policy.trainable_module().named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            if params[name].shape != value.shape:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, model has {tuple(params[name].shape)}")
+            params[name].copy_(value)

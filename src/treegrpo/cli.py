@@ -1,0 +1,194 @@
+"""The `treegrpo` command: train, sample, eval, pretrain.
+
+    treegrpo train [CONFIG.yaml] [section.key=value ...] [--output-dir DIR]
+    treegrpo sample --checkpoint {base|RUN_DIR|PATH} [--prompts all|FILE] [--seeds N] --out DIR
+    treegrpo eval --checkpoint {base|RUN_DIR|PATH} [--rewards a,b] [--prompts all|FILE] [--seeds N]
+    treegrpo pretrain {shapes|classifier} [--out PATH] [--steps N] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at run time unless a user asks
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _resolve_policy(spec: str, guidance_scale: float | None = None):
+    """`base`, a run directory, a checkpoint directory / .safetensors file, or a saved model folder."""
+    from treegrpo.checkpoint import CheckpointError, latest_checkpoint, load_weights
+    from treegrpo.config import load_config
+    from treegrpo.policies import load_policy, load_trainable_state_dict
+
+    if spec == "base":
+        return load_policy("shapes", "base", guidance_scale), {"family": "shapes", "num_steps": 10}
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {spec!r} does not exist (use 'base', a run directory or a checkpoint path)")
+    if (path / "config.yaml").is_file():  # a run directory: its base model plus its latest checkpoint
+        config = load_config(path / "config.yaml")
+        policy = load_policy(config.model.family, config.model.pretrained, guidance_scale or config.model.guidance_scale)
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise CheckpointError(f"run directory {spec!r} has no checkpoint yet")
+        load_trainable_state_dict(policy, load_weights(ckpt))
+        return policy, {"family": config.model.family, "num_steps": config.model.num_steps, "checkpoint": str(ckpt)}
+    if (path / "policy_config.json").is_file():  # a saved shapes model (e.g. from `pretrain shapes`)
+        return load_policy("shapes", str(path), guidance_scale), {"family": "shapes", "num_steps": 10}
+    policy = load_policy("shapes", "base", guidance_scale)  # a bare checkpoint of the shapes model
+    load_trainable_state_dict(policy, load_weights(path))
+    return policy, {"family": "shapes", "num_steps": 10, "checkpoint": str(path)}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from treegrpo.config import load_config
+    from treegrpo.trainer import Trainer
+
+    config_path = args.config
+    overrides = list(args.overrides)
+    if config_path is not None and "=" in config_path and not Path(config_path).exists():
+        overrides.insert(0, config_path)  # `treegrpo train key=value` without a config file
+        config_path = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"--resume {args.resume!r}: no config.yaml there, so it is not a run directory")
+        config = load_config(run_dir / "config.yaml", overrides)
+        output = run_dir
+    else:
+        config = load_config(config_path, overrides)
+        output = Path(args.output_dir) if args.output_dir else Path("runs") / f"{config.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.quiet:
+        config.train.progress = False
+    summary = Trainer(config, output).train()
+    print_summary(summary, output)
+    return 0
+
+
+def print_summary(summary: dict, output: Path) -> None:
+    base, final = summary.get("base") or {}, summary.get("final") or {}
+    print(f"\nheld-out evaluation ({summary['iterations']} iterations, {summary['wall_seconds']:.0f} s of training):")
+    print(f"  {'metric':<22}{'base':>10}{'final':>10}")
+    for key in sorted(set(base) | set(final)):
+        print(f"  {key:<22}{base.get(key, float('nan')):>10.4f}{final.get(key, float('nan')):>10.4f}")
+    print(f"run directory: {output}")
+    print(f"samples (start vs latest): {output / 'samples' / 'start_vs_latest.png'}")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from treegrpo.evaluation import ode_sample
+    from treegrpo.prompts import load_prompts
+
+    policy, info = _resolve_policy(args.checkpoint, args.guidance_scale)
+    prompts = load_prompts(args.prompts)
+    seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
+    images = ode_sample(policy, prompts, seeds, args.steps or info["num_steps"], progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    with (out / "index.jsonl").open("w") as index:
+        for i, img in enumerate(images):
+            prompt, seed = prompts[i // len(seeds)], seeds[i % len(seeds)]
+            name = f"{i // len(seeds):04d}_{seed}.png"
+            array = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            Image.fromarray(array).save(out / name)
+            index.write(json.dumps({"file": name, "prompt": prompt, "seed": seed}) + "\n")
+    print(f"wrote {len(images)} images and index.jsonl to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from treegrpo.evaluation import evaluate
+    from treegrpo.prompts import load_prompts
+    from treegrpo.rewards import build_reward
+
+    policy, info = _resolve_policy(args.checkpoint, args.guidance_scale)
+    names = [n.strip() for n in args.rewards.split(",") if n.strip()]
+    rewards = {n: build_reward(n) for n in names}
+    prompts = load_prompts(args.prompts)
+    seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
+    metrics, _ = evaluate(policy, prompts, seeds, rewards, args.steps or info["num_steps"],
+                          shapes_accuracy=info["family"] == "shapes", progress=not args.quiet)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    if args.what == "shapes":
+        from treegrpo.worlds.pretrain import pretrain_shapes
+
+        kwargs = {"steps": args.steps} if args.steps else {}
+        result = pretrain_shapes(args.out, seed=args.seed, progress=not args.quiet, **kwargs)
+    else:
+        from treegrpo.worlds.classifier import train_shape_classifier
+
+        kwargs = {"steps": args.steps} if args.steps else {}
+        result = train_shape_classifier(args.out, seed=args.seed, progress=not args.quiet, **kwargs)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="treegrpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="RL-train a model (default: TreeGRPO on the embedded shapes model)")
+    train.add_argument("config", nargs="?", help="YAML config (optional)")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
+    train.add_argument("--output-dir", help="run directory (default runs/METHOD-TIMESTAMP); an existing one resumes")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=cmd_train)
+
+    for name, func, helptext in (("sample", cmd_sample, "write ODE samples as PNGs with an index.jsonl"),
+                                 ("eval", cmd_eval, "print mean rewards (and shapes accuracies) as JSON")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--checkpoint", default="base", help="base, a run directory, or a checkpoint path")
+        p.add_argument("--prompts", default="all", help="all (54 shapes prompts) or a prompt file (.txt, .jsonl, .csv)")
+        p.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
+        p.add_argument("--seed-offset", type=int, default=1_000_000, help="first seed (held-out seeds by default)")
+        p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the run's)")
+        p.add_argument("--guidance-scale", type=float, default=None)
+        p.add_argument("--quiet", action="store_true")
+        if name == "sample":
+            p.add_argument("--out", required=True, help="output directory")
+        else:
+            p.add_argument("--rewards", default="shapes,shape,color,background", help="comma-separated reward names")
+        p.set_defaults(func=func)
+
+    pre = sub.add_parser("pretrain", help="re-create the shipped shapes model or reward classifier")
+    pre.add_argument("what", choices=["shapes", "classifier"])
+    pre.add_argument("--out", required=True, help="output folder (shapes) or .safetensors file (classifier)")
+    pre.add_argument("--steps", type=int, default=None)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--quiet", action="store_true")
+    pre.set_defaults(func=cmd_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from treegrpo.checkpoint import CheckpointError
+    from treegrpo.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
+        if os.environ.get("TREEGRPO_DEBUG"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"treegrpo: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("treegrpo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

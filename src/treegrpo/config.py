@@ -1,0 +1,257 @@
+"""Typed configuration: one dataclass per section, YAML files, ``key=value`` overrides.
+
+Every hyper-parameter is named, documented and typed here; unknown keys and wrong types fail before
+any work with a message naming the closest valid keys. The resolved config is written into every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("treegrpo", "flow_grpo", "dance_grpo", "mix_grpo", "branch_grpo")
+
+
+class ConfigError(ValueError):
+    """A user-fixable configuration problem; the message says what to change."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "shapes"  # model family; "shapes" is the embedded demo model
+    pretrained: str = "base"  # "base" (the shipped weights) or a path to saved weights
+    num_steps: int = 10  # denoising steps T (NFE without CFG)
+    guidance_scale: float | None = None  # CFG scale; None = the model's default
+    device: str = "cpu"
+
+
+@dataclass
+class MethodConfig:
+    name: str = "treegrpo"  # one of METHODS: a tree shape plus an advantage rule
+    # TreeGRPO / MixGRPO window
+    k: int = 3  # children per node inside the window (TreeGRPO)
+    window: int = 3  # window width w (TreeGRPO's depth d; MixGRPO uses 4)
+    window_mode: str = "random"  # random (truncated geometric), shift, or fixed
+    window_r: float = 0.5  # ratio of the truncated geometric law of the window start
+    window_every: int = 50  # shift mode: iterations per one-step move
+    window_start: int = 0  # fixed mode: the start step
+    trees_per_prompt: int = 1  # independent trees per prompt (TreeGRPO), roots for the others
+    # group methods
+    group_size: int = 12  # G: chains (Flow-GRPO) or branches (DanceGRPO, MixGRPO)
+    train_fraction: float = 0.6  # DanceGRPO: share of the first T-1 steps trained per iteration
+    split_steps: list[int] = field(default_factory=lambda: [0, 2, 4, 6])  # BranchGRPO split steps
+    # sampler
+    sde_kind: str = "flow_grpo"  # flow_grpo, dance (constant coefficient) or cps
+    noise_level: float = 0.7  # a of flow_grpo / cps, or DanceGRPO's eta
+    # advantages
+    backup: str = "mean"  # mean or softmax over sibling edges
+    softmax_temperature: float = 1.0  # softmax backup: temperature on per-element-mean log-probs
+    per_depth: bool = False  # BranchGRPO: standardise every depth within its prompt group
+    unbiased_std: bool = False  # divide by n - 1 (DanceGRPO) instead of n
+    global_std: bool = False  # Flow-GRPO option: one std over the whole batch
+
+
+@dataclass
+class RewardConfig:
+    weights: dict[str, float] = field(default_factory=lambda: {"shapes": 1.0})  # reward name -> weight
+    eval: list[str] = field(default_factory=lambda: ["shapes", "shape", "color", "background"])
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    minibatches: int = 2  # optimiser steps per iteration (per epoch)
+    epochs: int = 1  # passes over the iteration's trained edges
+    clip_range: float = 1e-4  # PPO ratio clip eps
+    adv_clip: float = 5.0  # advantages clipped to [-adv_clip, adv_clip]
+    kl_coef: float = 0.0  # beta of the KL to the base model (0 = off)
+    recompute_old_log_probs: bool = True  # old log-probs in the training layout, so ratio == 1 exactly
+    warmup_iterations: int = 0  # linear learning-rate warm-up
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 60
+    prompts_per_iteration: int = 16
+    seed: int = 0
+    max_batch: int = 512  # rows per model call (rollout and training chunks)
+    train_seeds: str = "random"  # training noise is fresh each iteration; eval uses held-out seeds
+    checkpoint_every: int = 20  # iterations between checkpoints (0 = only the final one)
+    keep_checkpoints: int = 2  # the last N kept
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every: int = 20  # iterations between held-out evaluations (0 = start and end only)
+    prompts: str = "all"  # "all" 54 shapes prompts, or a prompt file path
+    num_seeds: int = 4  # held-out seeds per prompt
+    seed_offset: int = 1_000_000  # held-out seeds start here (training never uses them)
+    grid_prompts: int = 18  # prompts shown in the sample grids
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check/convert a YAML value to the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping like {{name: value}}, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], [v.split(".")[-1] for v in valid], n=3, cutoff=0.5)
+    close_full = [v for v in valid if v.split(".")[-1] in close]
+    hint = f" Did you mean {', '.join(close_full)}?" if close_full else ""
+    return ConfigError(f"unknown config key {key!r}.{hint}")
+
+
+def _apply(config: Config, data: dict[str, Any], prefix: str = "") -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for section_name, values in data.items():
+        if section_name not in sections:
+            raise _unknown_key(f"{prefix}{section_name}", list(sections))
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section_name}: expected a mapping of keys, got {values!r}")
+        section = getattr(config, section_name)
+        types_ = _field_types(type(section))
+        for key, value in values.items():
+            full = f"{section_name}.{key}"
+            if key not in types_:
+                raise _unknown_key(full, [f"{section_name}.{k}" for k in types_] +
+                                   [f"{s}.{k}" for s in sections for k in _field_types(type(getattr(config, s)))])
+            setattr(section, key, _coerce(value, types_[key], full))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value`` -> (dotted key, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1:
+        raise ConfigError(f"override key {key!r} must be section.key (e.g. train.iterations)")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then ``section.key=value`` overrides; validated."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+        _apply(config, data)
+    for text in overrides:
+        key, value = parse_override(text)
+        section, name = key.split(".")
+        _apply(config, {section: {name: value}})
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Range checks that need more than a type; raise ConfigError with the fix."""
+    m, o, t, e = config.method, config.optim, config.train, config.eval
+    checks = [
+        (m.name in METHODS, f"method.name must be one of {METHODS}, got {m.name!r}"),
+        (config.model.num_steps >= 2, f"model.num_steps must be >= 2, got {config.model.num_steps}"),
+        (m.k >= 1, f"method.k must be >= 1, got {m.k}"),
+        (m.window >= 1, f"method.window must be >= 1, got {m.window}"),
+        (m.window_mode in ("random", "shift", "fixed"), f"method.window_mode must be random, shift or fixed, got {m.window_mode!r}"),
+        (0 < m.window_r < 1, f"method.window_r must be in (0, 1), got {m.window_r}"),
+        (m.trees_per_prompt >= 1, f"method.trees_per_prompt must be >= 1, got {m.trees_per_prompt}"),
+        (m.group_size >= 2, f"method.group_size must be >= 2, got {m.group_size}"),
+        (0 < m.train_fraction <= 1, f"method.train_fraction must be in (0, 1], got {m.train_fraction}"),
+        (m.sde_kind in ("flow_grpo", "dance", "cps"), f"method.sde_kind must be flow_grpo, dance or cps, got {m.sde_kind!r}"),
+        (m.noise_level >= 0, f"method.noise_level must be >= 0, got {m.noise_level}"),
+        (m.backup in ("mean", "softmax"), f"method.backup must be mean or softmax, got {m.backup!r}"),
+        (m.softmax_temperature > 0, f"method.softmax_temperature must be > 0, got {m.softmax_temperature}"),
+        (bool(config.reward.weights), "reward.weights must name at least one reward"),
+        (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
+        (o.clip_range > 0, f"optim.clip_range must be > 0, got {o.clip_range}"),
+        (o.adv_clip > 0, f"optim.adv_clip must be > 0, got {o.adv_clip}"),
+        (o.grad_clip > 0, f"optim.grad_clip must be > 0, got {o.grad_clip}"),
+        (o.minibatches >= 1 and o.epochs >= 1, "optim.minibatches and optim.epochs must be >= 1"),
+        (o.kl_coef >= 0, f"optim.kl_coef must be >= 0, got {o.kl_coef}"),
+        (len(o.betas) == 2, f"optim.betas must be two numbers, got {o.betas}"),
+        (t.iterations >= 0, f"train.iterations must be >= 0, got {t.iterations}"),
+        (t.prompts_per_iteration >= 1, f"train.prompts_per_iteration must be >= 1, got {t.prompts_per_iteration}"),
+        (t.max_batch >= 1, f"train.max_batch must be >= 1, got {t.max_batch}"),
+        (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
+        (e.num_seeds >= 1, f"eval.num_seeds must be >= 1, got {e.num_seeds}"),
+        (e.every >= 0 and t.checkpoint_every >= 0, "eval.every and train.checkpoint_every must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if m.name in ("treegrpo", "mix_grpo") and m.window > config.model.num_steps - 1:
+        raise ConfigError(f"method.window={m.window} does not fit in model.num_steps={config.model.num_steps} "
+                          f"(the last step never branches): use at most {config.model.num_steps - 1}")
+    if m.name in ("treegrpo", "mix_grpo") and m.window_mode == "fixed" and not 0 <= m.window_start <= config.model.num_steps - 1 - m.window:
+        raise ConfigError(f"method.window_start must be in 0..{config.model.num_steps - 1 - m.window}")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

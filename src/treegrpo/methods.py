@@ -1,0 +1,64 @@
+"""Methods as data: each is a tree shape (per iteration) plus a sampler and an advantage rule.
+
+| method | shape | notes |
+|---|---|---|
+| treegrpo | k-ary tree inside a window of w steps, window start per iteration | random (truncated geometric), shift or fixed |
+| flow_grpo | `group_size` independent SDE chains | every step but the last trained |
+| dance_grpo | one root branching `group_size` ways at step 0, SDE everywhere | a random `train_fraction` of steps trained per iteration |
+| mix_grpo | one root branching `group_size` ways at the window start, SDE in the window | window slides (shift mode) |
+| branch_grpo | k-way splits at `split_steps`, SDE everywhere | pair with `per_depth: true` |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from treegrpo.config import MethodConfig
+from treegrpo.rollout import SamplerConfig
+from treegrpo.tree import TreeShape, WindowSchedule, dance_trained_steps
+
+
+@dataclass(frozen=True)
+class AdvantageRule:
+    """How leaf rewards become edge advantages (see `treegrpo.advantages.tree_advantages`)."""
+
+    backup: str = "mean"
+    temperature: float = 1.0
+    per_depth: bool = False
+    unbiased: bool = False
+    global_std: bool = False
+
+
+class Method:
+    """Builds the tree shape of each iteration for one configured method."""
+
+    def __init__(self, config: MethodConfig, num_steps: int) -> None:
+        self.config = config
+        self.num_steps = num_steps
+        self.sampler = SamplerConfig(sde_kind=config.sde_kind, noise_level=config.noise_level)  # type: ignore[arg-type]
+        self.advantage_rule = AdvantageRule(config.backup, config.softmax_temperature, config.per_depth,
+                                            config.unbiased_std, config.global_std)
+        self.window: WindowSchedule | None = None
+        if config.name in ("treegrpo", "mix_grpo"):
+            self.window = WindowSchedule(num_starts=num_steps - config.window, mode=config.window_mode,  # type: ignore[arg-type]
+                                         r=config.window_r, every=config.window_every, start=config.window_start)
+        self.shape_for(0, torch.Generator().manual_seed(0))  # fail now, not mid-run, on a bad combination
+
+    def shape_for(self, iteration: int, generator: torch.Generator) -> TreeShape:
+        """The tree shape of `iteration`; draws from `generator` where the method is random."""
+        c, steps = self.config, self.num_steps
+        if c.name == "treegrpo":
+            assert self.window is not None
+            return TreeShape.treegrpo(steps, c.k, c.window, self.window.pick(iteration, generator), c.trees_per_prompt)
+        if c.name == "mix_grpo":
+            assert self.window is not None
+            return TreeShape.mix_grpo(steps, c.group_size, c.window, self.window.pick(iteration, generator))
+        if c.name == "flow_grpo":
+            return TreeShape.flow_grpo(steps, c.group_size)
+        if c.name == "dance_grpo":
+            return TreeShape.dance_grpo(steps, c.group_size, dance_trained_steps(steps, c.train_fraction, generator))
+        if c.name == "branch_grpo":
+            return TreeShape.branch_grpo(steps, tuple(c.split_steps), c.k)
+        raise ValueError(f"unknown method {c.name!r}")

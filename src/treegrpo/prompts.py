@@ -1,0 +1,44 @@
+"""Prompt sets: the built-in shapes prompts, or a file (.txt one per line, .jsonl with a "prompt"
+field, .csv with a "prompt" column)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+
+def load_prompts(spec: str) -> list[str]:
+    """"all" / "shapes": the 54 shapes-world prompts; otherwise a path to a prompt file."""
+    if spec in ("all", "shapes"):
+        from treegrpo.worlds.shapes import all_prompts
+
+        return [p.text for p in all_prompts()]
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {spec!r} does not exist (use 'all' for the built-in shapes prompts)")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{spec}:{n}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{spec}:{n}: each line needs a string field \"prompt\"")
+            prompts.append(record["prompt"])
+    elif suffix == ".csv":
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "prompt" not in reader.fieldnames:
+                raise ValueError(f"{spec}: the CSV needs a header with a 'prompt' column")
+            prompts = [row["prompt"] for row in reader]
+    else:
+        prompts = path.read_text().splitlines()
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {spec!r} holds no prompts")
+    return prompts

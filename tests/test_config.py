@@ -1,0 +1,52 @@
+import pytest
+
+from treegrpo.config import ConfigError, load_config
+from treegrpo.methods import Method
+
+
+def test_defaults_are_the_paper_tree():
+    c = load_config()
+    assert (c.method.name, c.method.k, c.method.window, c.method.window_r, c.model.num_steps) == ("treegrpo", 3, 3, 0.5, 10)
+    assert c.reward.weights == {"shapes": 1.0}
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.001\nmethod:\n  k: 2\n")
+    c = load_config(path, ["method.k=4", "reward.weights={shape: 0.8, color: 0.2}"])
+    assert c.optim.lr == 0.001 and c.method.k == 4
+    assert c.reward.weights == {"shape": 0.8, "color": 0.2}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "Did you mean optim.lr"),
+    ("metod.k=3", "unknown config key 'metod'"),
+    ("method.k=three", "expected an integer"),
+    ("method.k=0", "method.k must be >= 1"),
+    ("method.window=10", "does not fit"),
+    ("optim.clip_range=0", "clip_range must be > 0"),
+    ("method.name=ppo", "method.name must be one of"),
+    ("train.progress=maybe", "expected true or false"),
+    ("iterations=3", "must be section.key"),
+])
+def test_bad_keys_and_values_fail_with_a_clear_message(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("name", ["treegrpo", "flow_grpo", "dance_grpo", "mix_grpo", "branch_grpo"])
+def test_every_method_builds_a_shape(name):
+    import torch
+
+    c = load_config(None, [f"method.name={name}", "method.window=3"])
+    shape = Method(c.method, c.model.num_steps).shape_for(0, torch.Generator().manual_seed(0))
+    assert shape.num_steps == 10 and shape.num_trained_edges > 0
