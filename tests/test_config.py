@@ -13,8 +13,8 @@ def test_defaults_are_the_paper_tree():
 def test_yaml_file_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 0.001\nmethod:\n  k: 2\n")
-    c = load_config(path, ["method.k=4", "reward.weights={shape: 0.8, color: 0.2}"])
-    assert c.optim.lr == 0.001 and c.method.k == 4
+    c = load_config(path, ["method.k=4", "reward.weights={shape: 0.8, color: 0.2}", "optim.clip_range=1e-3"])
+    assert c.optim.lr == 0.001 and c.method.k == 4 and c.optim.clip_range == 1e-3
     assert c.reward.weights == {"shape": 0.8, "color": 0.2}
 
 

@@ -145,6 +145,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -246,6 +251,14 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    from treegrpo.rewards import available_rewards
+
+    known = available_rewards()
+    for name in [*config.reward.weights, *config.reward.eval]:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(f"unknown reward {name!r} in reward.weights / reward.eval.{hint} Available: {', '.join(known)}")
     if m.name in ("treegrpo", "mix_grpo") and m.window > config.model.num_steps - 1:
         raise ConfigError(f"method.window={m.window} does not fit in model.num_steps={config.model.num_steps} "
                           f"(the last step never branches): use at most {config.model.num_steps - 1}")
