@@ -9,6 +9,8 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: install test demo clean
 
+DEMO_DIR ?= runs/demo
+
 install: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
@@ -20,6 +22,11 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The main job: TreeGRPO on the embedded shapes model (a fresh run each time), then the results.
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	$(BIN)/treegrpo train --output-dir $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
