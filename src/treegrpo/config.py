@@ -66,7 +66,7 @@ class RewardConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
+    lr: float = 2e-4
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
@@ -74,7 +74,7 @@ class OptimConfig:
     epochs: int = 1  # passes over the iteration's trained edges
     clip_range: float = 1e-4  # PPO ratio clip eps
     adv_clip: float = 5.0  # advantages clipped to [-adv_clip, adv_clip]
-    kl_coef: float = 0.0  # beta of the KL to the base model (0 = off)
+    kl_coef: float = 0.5  # beta of the KL to the base model (0 = off); keeps untouched details (backgrounds) from drifting
     recompute_old_log_probs: bool = True  # old log-probs in the training layout, so ratio == 1 exactly
     warmup_iterations: int = 0  # linear learning-rate warm-up
 

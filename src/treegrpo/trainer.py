@@ -41,7 +41,8 @@ from treegrpo.tree import EdgeBatch, trained_edges
 class Trainer:
     """Runs one configured training job into `output_dir` (resuming if it holds a checkpoint)."""
 
-    def __init__(self, config: Config, output_dir: str | Path, policy: Policy | None = None) -> None:
+    def __init__(self, config: Config, output_dir: str | Path, policy: Policy | None = None,
+                 train_prompts: list[str] | None = None) -> None:
         self.config = config
         self.out = Path(output_dir)
         torch.manual_seed(config.train.seed)
@@ -50,7 +51,7 @@ class Trainer:
         self.num_steps = config.model.num_steps
         self.schedule = self.policy.schedule(self.num_steps)
         self.method = Method(config.method, self.num_steps)
-        self.train_prompts = load_prompts("all") if config.model.family == "shapes" else []
+        self.train_prompts = train_prompts or load_prompts("all")
         self.eval_prompts = load_prompts(config.eval.prompts)
         self.eval_seeds = [config.eval.seed_offset + i for i in range(config.eval.num_seeds)]
         names = set(config.reward.weights) | set(config.reward.eval)

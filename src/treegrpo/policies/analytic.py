@@ -52,3 +52,6 @@ class GaussianPolicy(torch.nn.Module):
 
     def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
         return [self.gain]
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self
