@@ -23,7 +23,7 @@ def _resolve_policy(spec: str, guidance_scale: float | None = None):
     """`base`, a run directory, a checkpoint directory / .safetensors file, or a saved model folder."""
     from treegrpo.checkpoint import CheckpointError, latest_checkpoint, load_weights
     from treegrpo.config import load_config
-    from treegrpo.policies import load_policy, load_trainable_state_dict
+    from treegrpo.policies import build_policy, load_policy, load_trainable_state_dict
 
     if spec == "base":
         return load_policy("shapes", "base", guidance_scale), {"family": "shapes", "num_steps": 10}
@@ -32,7 +32,9 @@ def _resolve_policy(spec: str, guidance_scale: float | None = None):
         raise FileNotFoundError(f"checkpoint {spec!r} does not exist (use 'base', a run directory or a checkpoint path)")
     if (path / "config.yaml").is_file():  # a run directory: its base model plus its latest checkpoint
         config = load_config(path / "config.yaml")
-        policy = load_policy(config.model.family, config.model.pretrained, guidance_scale or config.model.guidance_scale)
+        if guidance_scale is not None:
+            config.model.guidance_scale = guidance_scale
+        policy = build_policy(config.model)  # with its LoRA adapters, if the run used them
         ckpt = latest_checkpoint(path)
         if ckpt is None:
             raise CheckpointError(f"run directory {spec!r} has no checkpoint yet")

@@ -30,6 +30,9 @@ class ModelConfig:
     num_steps: int = 10  # denoising steps T (NFE without CFG)
     guidance_scale: float | None = None  # CFG scale; None = the model's default
     device: str = "cpu"
+    lora_rank: int = 0  # 0 = full fine-tuning of the trainable module; > 0 = LoRA adapters (peft)
+    lora_alpha: float = 8.0
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
 
 
 @dataclass
@@ -234,6 +237,7 @@ def validate(config: Config) -> None:
         (m.backup in ("mean", "softmax"), f"method.backup must be mean or softmax, got {m.backup!r}"),
         (m.softmax_temperature > 0, f"method.softmax_temperature must be > 0, got {m.softmax_temperature}"),
         (bool(config.reward.weights), "reward.weights must name at least one reward"),
+        (config.model.lora_rank >= 0, f"model.lora_rank must be >= 0, got {config.model.lora_rank}"),
         (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
         (o.clip_range > 0, f"optim.clip_range must be > 0, got {o.clip_range}"),
         (o.adv_clip > 0, f"optim.adv_clip must be > 0, got {o.adv_clip}"),

@@ -30,7 +30,8 @@ from treegrpo.config import Config, ConfigError, save_config
 from treegrpo.evaluation import evaluate, image_grid, save_image, score_images, side_by_side, decode_chunked
 from treegrpo.loss import kl_to_reference, policy_loss
 from treegrpo.methods import Method
-from treegrpo.policies import Policy, load_policy, load_trainable_state_dict, trainable_state_dict
+from treegrpo.policies import Policy, build_policy, load_trainable_state_dict, trainable_state_dict
+from treegrpo.policies.lora import BaseModelView
 from treegrpo.prompts import load_prompts
 from treegrpo.rewards import build_reward
 from treegrpo.rollout import rollout, transition
@@ -46,8 +47,7 @@ class Trainer:
         self.config = config
         self.out = Path(output_dir)
         torch.manual_seed(config.train.seed)
-        self.policy = policy or load_policy(config.model.family, config.model.pretrained,
-                                            config.model.guidance_scale, config.model.device)
+        self.policy = policy or build_policy(config.model)
         self.num_steps = config.model.num_steps
         self.schedule = self.policy.schedule(self.num_steps)
         self.method = Method(config.method, self.num_steps)
@@ -66,10 +66,14 @@ class Trainer:
             self.optimizer, lambda n: min(1.0, (n + 1) / warmup) if warmup else 1.0)
         self.reference = None
         if o.kl_coef > 0:
-            # The KL reference is the frozen starting model (for the embedded model a copy is cheap).
-            self.reference = copy.deepcopy(self.policy)
-            for p in self.reference.trainable_parameters():
-                p.requires_grad_(False)
+            # The KL reference is the starting model: with LoRA the same network with adapters off,
+            # else a frozen copy taken now (cheap for the embedded model).
+            if config.model.lora_rank > 0:
+                self.reference = BaseModelView(self.policy)
+            else:
+                self.reference = copy.deepcopy(self.policy)
+                for p in self.reference.trainable_parameters():
+                    p.requires_grad_(False)
         self.generator = torch.Generator().manual_seed(config.train.seed)
         self.iteration = 0
         self.elapsed = 0.0

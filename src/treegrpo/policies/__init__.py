@@ -18,4 +18,15 @@ def load_policy(family: str = "shapes", pretrained: str = "base", guidance_scale
     raise ValueError(f"unknown model family {family!r}; available: {', '.join(FAMILIES)}")
 
 
-__all__ = ["FAMILIES", "Policy", "Schedule", "load_policy", "load_trainable_state_dict", "trainable_state_dict"]
+def build_policy(model_config) -> Policy:
+    """The policy a `ModelConfig` describes: `load_policy`, plus LoRA adapters when `lora_rank > 0`."""
+    policy = load_policy(model_config.family, model_config.pretrained, model_config.guidance_scale, model_config.device)
+    if model_config.lora_rank > 0:
+        from treegrpo.policies.lora import add_lora
+
+        add_lora(policy.trainable_module(), model_config.lora_rank, model_config.lora_alpha, model_config.lora_targets)
+    return policy
+
+
+__all__ = ["FAMILIES", "Policy", "Schedule", "build_policy", "load_policy", "load_trainable_state_dict",
+           "trainable_state_dict"]

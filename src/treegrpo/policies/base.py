@@ -64,8 +64,9 @@ class Policy(Protocol):
 
 
 def trainable_state_dict(policy: Policy) -> dict[str, torch.Tensor]:
-    """Named trainable parameters of a policy, for checkpoints."""
-    wanted = {id(p) for p in policy.trainable_parameters()}
+    """Named trainable parameters of a policy (those that require grad: LoRA weights when adapters
+    are on), for checkpoints."""
+    wanted = {id(p) for p in policy.trainable_parameters() if p.requires_grad}
     return {name: p.detach() for name, p in policy.trainable_module().named_parameters() if id(p) in wanted}
 
 
