@@ -132,6 +132,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
         kwargs = {"steps": args.steps} if args.steps else {}
         result = train_shape_classifier(args.out, seed=args.seed, progress=not args.quiet, **kwargs)
+    result.pop("policy", None)  # the trained object itself; its weights are in --out
     print(json.dumps(result, indent=2, default=str))
     return 0
 
