@@ -50,3 +50,15 @@ def test_every_method_builds_a_shape(name):
     c = load_config(None, [f"method.name={name}", "method.window=3"])
     shape = Method(c.method, c.model.num_steps).shape_for(0, torch.Generator().manual_seed(0))
     assert shape.num_steps == 10 and shape.num_trained_edges > 0
+
+
+@pytest.mark.parametrize("name", ["treegrpo", "flow_grpo", "dance_grpo", "mix_grpo", "branch_grpo"])
+def test_shipped_method_configs_load_and_build_their_shape(name):
+    from pathlib import Path
+
+    import torch
+
+    c = load_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+    assert c.method.name == name
+    shape = Method(c.method, c.model.num_steps).shape_for(0, torch.Generator().manual_seed(0))
+    assert shape.num_trained_edges > 0
