@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench bench-quick clean
 
 DEMO_DIR ?= runs/demo
 
@@ -27,6 +27,14 @@ test: $(STAMP)
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/treegrpo train --output-dir $(DEMO_DIR)
+
+# Every method under an equal 120 s training budget, 3 seeds (about 35-45 minutes on 2 cores).
+bench: $(STAMP)
+	$(BIN)/treegrpo bench --out runs/bench
+
+# TreeGRPO vs DanceGRPO, one seed, 40 s each (a few minutes).
+bench-quick: $(STAMP)
+	$(BIN)/treegrpo bench --quick --out runs/bench_quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -4,6 +4,7 @@
     treegrpo sample --checkpoint {base|RUN_DIR|PATH} [--prompts all|FILE] [--seeds N] --out DIR
     treegrpo eval --checkpoint {base|RUN_DIR|PATH} [--rewards a,b] [--prompts all|FILE] [--seeds N]
     treegrpo pretrain {shapes|classifier} [--out PATH] [--steps N] [--seed S]
+    treegrpo bench [--methods a,b] [--seeds 0 1 2] [--variant NAME:key=value,...] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -137,6 +138,24 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_BUDGET = ["train.iterations=1000000", "train.max_seconds=120", "eval.every=10", "train.checkpoint_every=0"]
+BENCH_QUICK = ["train.iterations=1000000", "train.max_seconds=40", "eval.every=8", "train.checkpoint_every=0"]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from treegrpo.bench import DEFAULT_METHODS, run_bench
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else (
+        ["treegrpo", "dance_grpo"] if args.quick else list(DEFAULT_METHODS))
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    common = [*(BENCH_QUICK if args.quick else BENCH_BUDGET), *args.overrides]
+    out = Path(args.out or ("runs/bench_quick" if args.quick else "runs/bench"))
+    run_bench(out, methods, seeds, args.variant, common, progress=not args.quiet)
+    print((out / "results.md").read_text())
+    print(f"bench directory: {out} (results.json, results.md, plots)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="treegrpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--rewards", default="shapes,shape,color,background", help="comma-separated reward names")
         p.set_defaults(func=func)
+
+    bench = sub.add_parser("bench", help="compare methods under an equal budget on held-out evaluation")
+    bench.add_argument("overrides", nargs="*", help="section.key=value for every run, e.g. train.max_seconds=300")
+    bench.add_argument("--methods", help=f"comma-separated method configs from configs/ (default: all five)")
+    bench.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2; quick: 0)")
+    bench.add_argument("--variant", action="append", default=[], metavar="NAME[@METHOD]:key=value,...",
+                       help="an extra line, e.g. k2:method.k=2 or softmax:method.backup=softmax (repeatable)")
+    bench.add_argument("--quick", action="store_true", help="TreeGRPO vs DanceGRPO, one seed, 40 s each")
+    bench.add_argument("--out", help="bench directory (finished runs in it are reused)")
+    bench.add_argument("--quiet", action="store_true")
+    bench.set_defaults(func=cmd_bench)
 
     pre = sub.add_parser("pretrain", help="re-create the shipped shapes model or reward classifier")
     pre.add_argument("what", choices=["shapes", "classifier"])

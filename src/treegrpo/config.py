@@ -92,6 +92,8 @@ class TrainConfig:
     checkpoint_every: int = 20  # iterations between checkpoints (0 = only the final one)
     keep_checkpoints: int = 2  # the last N kept
     progress: bool = True
+    max_seconds: float = 0.0  # stop once training wall-clock passes this (0 = no limit; benchmarks' equal budget)
+    max_model_calls: int = 0  # stop once model calls pass this (0 = no limit)
 
 
 @dataclass

@@ -98,7 +98,7 @@ def rollout(policy: Policy, prompts: list[str], shape: TreeShape, *, num_steps: 
 
     if not keep(0):
         tree.latents[0] = None
-    for i in tqdm(range(num_steps), desc="rollout", disable=not progress, leave=False):
+    for i in tqdm(range(num_steps), desc="rollout", disable=None if progress else True, leave=False):
         prompt_index = tree.prompt[i]
         step = torch.full((x.shape[0],), i, dtype=torch.long, device=device)
         out = predict_chunked(policy, x, schedule.times.to(device)[step], cond, prompt_index, max_batch)

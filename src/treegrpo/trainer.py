@@ -92,16 +92,19 @@ class Trainer:
             self.base_eval = self._evaluate(tag="start")
             self._log({"iteration": 0, "wall_seconds": 0.0, "model_calls/total": 0,
                        **{f"eval/{k}": v for k, v in self.base_eval.items()}})
-        bar = tqdm(total=c.train.iterations, initial=self.iteration, desc="train", disable=not c.train.progress,
+        # Progress bar on a terminal only (disable=None), quiet in logs and CI.
+        budgeted = c.train.max_seconds or c.train.max_model_calls  # then the iteration count is open
+        total = None if budgeted else c.train.iterations
+        bar = tqdm(total=total, initial=self.iteration, desc="train", disable=None if c.train.progress else True,
                    dynamic_ncols=True)
         last_eval = None
-        while self.iteration < c.train.iterations:
+        while self.iteration < c.train.iterations and not self._budget_spent():
             start = time.perf_counter()
             record = self.step()
             self.elapsed += time.perf_counter() - start
             self.iteration += 1
             record = {"iteration": self.iteration, "wall_seconds": round(self.elapsed, 3), **record}
-            final = self.iteration == c.train.iterations
+            final = self.iteration == c.train.iterations or self._budget_spent()
             if final or (c.eval.every and self.iteration % c.eval.every == 0):
                 last_eval = self._evaluate(tag=f"iter_{self.iteration:06d}")
                 record.update({f"eval/{k}": v for k, v in last_eval.items()})
@@ -117,6 +120,11 @@ class Trainer:
                    "model_calls": self.total_calls, "base": self.base_eval, "final": last_eval}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def _budget_spent(self) -> bool:
+        t = self.config.train
+        return bool((t.max_seconds and self.elapsed >= t.max_seconds) or
+                    (t.max_model_calls and self.total_calls >= t.max_model_calls))
 
     # ------------------------------------------------------------------ one iteration
     def step(self) -> dict[str, float]:

@@ -368,7 +368,7 @@ def _train(out_path: Path, steps: int, seed: int, progress: bool, batch_size: in
         math.pi * min(1.0, max(0, i - warmup) / max(1, steps - warmup))))))
     start = time.perf_counter()
     running = float("nan")
-    bar = tqdm(range(steps), desc="shape classifier", disable=not progress)
+    bar = tqdm(range(steps), desc="shape classifier", disable=None if progress else True)
     model.train()
     for step in bar:
         x, y = sample_training_batch(batch_size, g)

@@ -124,7 +124,7 @@ def _train(policy: ShapesPolicy, steps: int, batch_size: int, seed: int, progres
     losses: list[float] = []
     start = time.perf_counter()
     set_train(True)
-    with tqdm(total=steps, desc="pretrain shapes", disable=not progress) as bar:
+    with tqdm(total=steps, desc="pretrain shapes", disable=None if progress else True) as bar:
         for step in range(steps):
             idx = torch.randint(len(prompts), (batch_size,), generator=gen)
             x0 = render_batch([prompts[i] for i in idx.tolist()], gen) * 2.0 - 1.0  # [B, 3, 16, 16]
