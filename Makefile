@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test demo bench bench-quick clean
+.PHONY: install test demo bench bench-quick bench-micro clean
 
 DEMO_DIR ?= runs/demo
 
@@ -35,6 +35,10 @@ bench: $(STAMP)
 # TreeGRPO vs DanceGRPO, one seed, 40 s each (a few minutes).
 bench-quick: $(STAMP)
 	$(BIN)/treegrpo bench --quick --out runs/bench_quick
+
+# Batched tree sampler and training step vs one model call per node (the released code's way).
+bench-micro: $(STAMP)
+	$(BIN)/python -m treegrpo.bench_micro --out runs/bench_micro
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
