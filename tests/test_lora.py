@@ -42,6 +42,10 @@ def test_a_lora_run_saves_only_adapters_and_reloads_them(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(out), "--seeds", "1", "--rewards", "shape", "--quiet",
                  "--prompts", str(_prompt_file(tmp_path))]) == 0
     assert "acc/shape" in capsys.readouterr().out
+    # One checkpoint of the run (not the run directory) also gets the run's adapters.
+    assert main(["eval", "--checkpoint", str(out / "checkpoints" / "iter_000001"), "--seeds", "1", "--rewards",
+                 "shape", "--quiet", "--prompts", str(_prompt_file(tmp_path))]) == 0
+    assert "acc/shape" in capsys.readouterr().out
 
 
 def _prompt_file(tmp_path):

@@ -31,12 +31,14 @@ def _resolve_policy(spec: str, guidance_scale: float | None = None):
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {spec!r} does not exist (use 'base', a run directory or a checkpoint path)")
-    if (path / "config.yaml").is_file():  # a run directory: its base model plus its latest checkpoint
-        config = load_config(path / "config.yaml")
+    run_dir, ckpt = (path, latest_checkpoint(path)) if (path / "config.yaml").is_file() else (None, path)
+    if run_dir is None and path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+        run_dir = path.parent.parent  # one checkpoint of a run: the run's model config applies
+    if run_dir is not None:  # the run's base model (with its LoRA adapters, if any) plus the checkpoint
+        config = load_config(run_dir / "config.yaml")
         if guidance_scale is not None:
             config.model.guidance_scale = guidance_scale
-        policy = build_policy(config.model)  # with its LoRA adapters, if the run used them
-        ckpt = latest_checkpoint(path)
+        policy = build_policy(config.model)
         if ckpt is None:
             raise CheckpointError(f"run directory {spec!r} has no checkpoint yet")
         load_trainable_state_dict(policy, load_weights(ckpt))
