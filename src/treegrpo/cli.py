@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="compare methods under an equal budget on held-out evaluation")
     bench.add_argument("overrides", nargs="*", help="section.key=value for every run, e.g. train.max_seconds=300")
-    bench.add_argument("--methods", help=f"comma-separated method configs from configs/ (default: all five)")
+    bench.add_argument("--methods", help="comma-separated method configs from configs/ (default: all five)")
     bench.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2; quick: 0)")
     bench.add_argument("--variant", action="append", default=[], metavar="NAME[@METHOD]:key=value,...",
                        help="an extra line, e.g. k2:method.k=2 or softmax:method.backup=softmax (repeatable)")

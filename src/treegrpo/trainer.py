@@ -79,7 +79,7 @@ class Trainer:
         self.elapsed = 0.0
         self.total_calls = 0
         self.base_eval: dict[str, float] | None = None
-        self.grid_prompts = self._grid_prompts()
+        self.grid_rows = self._grid_rows()
 
     # ------------------------------------------------------------------ run
     def train(self) -> dict[str, Any]:
@@ -237,21 +237,22 @@ class Trainer:
         return stats, calls
 
     # ------------------------------------------------------------------ eval, logs, checkpoints
-    def _grid_prompts(self) -> list[str]:
+    def _grid_rows(self) -> list[int]:
+        """Indices of the eval prompts shown in the sample grids (a fixed spread)."""
         n = min(self.config.eval.grid_prompts, len(self.eval_prompts))
         order = torch.randperm(len(self.eval_prompts), generator=torch.Generator().manual_seed(0))[:n]
-        return [self.eval_prompts[i] for i in sorted(order.tolist())]
+        return sorted(order.tolist())
 
     def _evaluate(self, tag: str) -> dict[str, float]:
         c = self.config
         eval_rewards = {n: self.rewards[n] for n in c.reward.eval}
-        metrics, _ = evaluate(self.policy, self.eval_prompts, self.eval_seeds, eval_rewards, self.num_steps,
-                              c.train.max_batch, shapes_accuracy=c.model.family == "shapes")
-        # The grid: the same prompts (rows) and held-out seeds (columns) every time.
-        from treegrpo.evaluation import ode_sample
-
-        images = ode_sample(self.policy, self.grid_prompts, self.eval_seeds, self.num_steps, c.train.max_batch)
-        grid = image_grid(images, len(self.grid_prompts), len(self.eval_seeds))
+        metrics, images = evaluate(self.policy, self.eval_prompts, self.eval_seeds, eval_rewards, self.num_steps,
+                                   c.train.max_batch, shapes_accuracy=c.model.family == "shapes")
+        # The grid: the same prompts (rows) and held-out seeds (columns) every time, taken from the
+        # evaluation's own samples (prompt-major, so each row is one prompt's seeds).
+        per_prompt = images.view(len(self.eval_prompts), len(self.eval_seeds), *images.shape[1:])
+        images = per_prompt[self.grid_rows].flatten(0, 1)
+        grid = image_grid(images, len(self.grid_rows), len(self.eval_seeds))
         save_image(grid, self.out / "samples" / f"{tag}.png")
         start = self.out / "samples" / "start.png"
         if tag != "start" and start.is_file():
