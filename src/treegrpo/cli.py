@@ -5,6 +5,7 @@
     treegrpo eval --checkpoint {base|RUN_DIR|PATH} [--rewards a,b] [--prompts all|FILE] [--seeds N]
     treegrpo pretrain {shapes|classifier} [--out PATH] [--steps N] [--seed S]
     treegrpo bench [--methods a,b] [--seeds 0 1 2] [--variant NAME:key=value,...] [--quick] [--out DIR]
+    treegrpo report {RUN_DIR|BENCH_DIR} [--out FILE]
 """
 
 from __future__ import annotations
@@ -158,6 +159,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from treegrpo.report import write_report
+
+    path = write_report(args.directory, args.out)
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="treegrpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="bench directory (finished runs in it are reused)")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_bench)
+
+    report = sub.add_parser("report", help="write one self-contained HTML page for a run or a benchmark")
+    report.add_argument("directory", help="a run directory (train's --output-dir) or a bench directory (bench's --out)")
+    report.add_argument("--out", help="the HTML file to write (default DIRECTORY/report.html)")
+    report.set_defaults(func=cmd_report)
 
     pre = sub.add_parser("pretrain", help="re-create the shipped shapes model or reward classifier")
     pre.add_argument("what", choices=["shapes", "classifier"])
