@@ -84,6 +84,7 @@ def print_summary(summary: dict, output: Path) -> None:
         print(f"  {key:<22}{base.get(key, float('nan')):>10.4f}{final.get(key, float('nan')):>10.4f}")
     print(f"run directory: {output}")
     print(f"samples (start vs latest): {output / 'samples' / 'start_vs_latest.png'}")
+    print(f"HTML report (curves, samples, the tree): treegrpo report {output}")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -154,8 +155,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     common = [*(BENCH_QUICK if args.quick else BENCH_BUDGET), *args.overrides]
     out = Path(args.out or ("runs/bench_quick" if args.quick else "runs/bench"))
     run_bench(out, methods, seeds, args.variant, common, progress=not args.quiet)
+    from treegrpo.report import write_bench_report
+
     print((out / "results.md").read_text())
     print(f"bench directory: {out} (results.json, results.md, plots)")
+    print(f"report: {write_bench_report(out)}")
     return 0
 
 
