@@ -37,8 +37,8 @@ from treegrpo.rewards import build_reward
 from treegrpo.rollout import rollout, transition
 from treegrpo.steps import gaussian_log_prob
 from treegrpo.tracking import RunLogger
-from treegrpo.tree_record import TreeRecord, record_tree
 from treegrpo.tree import EdgeBatch, trained_edges
+from treegrpo.tree_record import TreeRecord, record_tree
 
 
 class Trainer:
