@@ -5,6 +5,7 @@ sees when weights are missing. No test needs real weights or the network."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -312,3 +313,64 @@ def test_building_the_shapes_reward_does_not_import_transformers():
             "assert 'transformers' not in sys.modules, 'transformers was imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# treegrpo eval over several reward models, with the normalised-score average
+# ------------------------------------------------------------------------------------------------
+
+
+def test_normalized_average_on_the_papers_table():
+    """Our definition (mean relative improvement over the base row) on the paper's Table 1."""
+    from treegrpo.evaluation import normalized_scores
+
+    names = ["hpsv2.1", "imagereward", "aesthetic", "clipscore"]
+    base = dict(zip([f"reward/{n}" for n in names], [0.2725, 0.8870, 5.9519, 0.3996]))
+    rows = {"TreeGRPO": [0.3735, 1.3294, 6.5094, 0.3703], "DanceGRPO": [0.3556, 1.3668, 6.3080, 0.3769],
+            "MixGRPO": [0.3649, 1.2263, 6.4295, 0.3612], "DDPO": [0.2758, 1.0067, 5.9458, 0.3900]}
+    average = {m: normalized_scores(dict(zip(base, v)), base)["normalized/average"] for m, v in rows.items()}
+    assert {m: round(100 * a, 1) for m, a in average.items()} == {"TreeGRPO": 22.2, "DanceGRPO": 21.2, "MixGRPO": 17.6, "DDPO": 3.1}
+    tree = normalized_scores(dict(zip(base, rows["TreeGRPO"])), base)
+    assert tree["normalized/clipscore"] == pytest.approx((0.3703 - 0.3996) / 0.3996)
+
+
+def test_eval_scores_sampled_images_with_several_rewards_and_a_baseline(clip_dir, tmp_path, capsys):
+    from treegrpo.cli import main
+    from treegrpo.evaluation import load_image_folder
+
+    prompts = tmp_path / "heldout.txt"
+    prompts.write_text("a red circle on a black background\na blue square on a white background\n")
+    samples = tmp_path / "samples"
+    assert main(["sample", "--checkpoint", "base", "--prompts", str(prompts), "--seeds", "2", "--out", str(samples), "--quiet"]) == 0
+    baseline = tmp_path / "base.json"
+    baseline.write_text(json.dumps({"reward/clipscore": 0.5, "reward/shapes": -2.0, "reward/other": 1.0}))
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--images", str(samples), "--rewards", "clipscore,shapes", "--reward-option", f"clipscore:model={clip_dir}",
+                 "--reward-option", "clipscore:batch_size=3", "--reward-option", "clipscore:device=cpu",
+                 "--baseline", str(baseline), "--out", str(out), "--quiet"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    images, image_prompts = load_image_folder(samples)
+    assert len(images) == 4 and printed["images"] == 4
+    direct = build_reward("clipscore", model=str(clip_dir), device="cpu")(torch.stack(images), image_prompts)
+    assert printed["reward/clipscore"] == pytest.approx(float(direct.double().mean()), abs=1e-6)
+    assert printed["reward_std/clipscore"] == pytest.approx(float(direct.double().std(unbiased=False)), abs=1e-6)
+    assert printed["normalized/clipscore"] == pytest.approx((printed["reward/clipscore"] - 0.5) / 0.5)
+    assert printed["normalized/shapes"] == pytest.approx((printed["reward/shapes"] + 2.0) / 2.0)
+    assert printed["normalized/average"] == pytest.approx((printed["normalized/clipscore"] + printed["normalized/shapes"]) / 2)
+    assert "normalized/other" not in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reward-option", "clipscore:modle=x"], "unknown option 'modle' in reward.options.clipscore"),
+    (["--reward-option", "clipscore-model=x"], "must look like NAME:KEY=VALUE"),
+    (["--baseline", "/no/such/base.json"], "--baseline '/no/such/base.json' does not exist"),
+    (["--images", "/no/such/dir"], "has no index.jsonl"),
+])
+def test_eval_argument_errors_are_one_line(argv, message, capsys):
+    from treegrpo.cli import main
+
+    assert main(["eval", "--rewards", "shapes", "--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

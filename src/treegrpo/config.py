@@ -270,9 +270,20 @@ def validate(config: Config) -> None:
             close = difflib.get_close_matches(name, known, n=3)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ConfigError(f"unknown reward {name!r} in reward.weights / reward.eval.{hint} Available: {', '.join(known)}")
-    from treegrpo.rewards import reward_options
+    validate_reward_options(config.reward.options, known)
+    if m.name in ("treegrpo", "mix_grpo") and m.window > config.model.num_steps - 1:
+        raise ConfigError(f"method.window={m.window} does not fit in model.num_steps={config.model.num_steps} "
+                          f"(the last step never branches): use at most {config.model.num_steps - 1}")
+    if m.name in ("treegrpo", "mix_grpo") and m.window_mode == "fixed" and not 0 <= m.window_start <= config.model.num_steps - 1 - m.window:
+        raise ConfigError(f"method.window_start must be in 0..{config.model.num_steps - 1 - m.window}")
 
-    for name, opts in config.reward.options.items():
+
+def validate_reward_options(options: dict[str, Any], known: list[str] | None = None) -> None:
+    """``reward.options``: every name a registered reward, every key one of its constructor options."""
+    from treegrpo.rewards import available_rewards, reward_options
+
+    known = known if known is not None else available_rewards()
+    for name, opts in options.items():
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
@@ -284,11 +295,6 @@ def validate(config: Config) -> None:
             if key not in valid:
                 raise ConfigError(f"unknown option {key!r} in reward.options.{name}; reward {name!r} takes: "
                                   f"{', '.join(valid) if valid else 'no options'}")
-    if m.name in ("treegrpo", "mix_grpo") and m.window > config.model.num_steps - 1:
-        raise ConfigError(f"method.window={m.window} does not fit in model.num_steps={config.model.num_steps} "
-                          f"(the last step never branches): use at most {config.model.num_steps - 1}")
-    if m.name in ("treegrpo", "mix_grpo") and m.window_mode == "fixed" and not 0 <= m.window_start <= config.model.num_steps - 1 - m.window:
-        raise ConfigError(f"method.window_start must be in 0..{config.model.num_steps - 1 - m.window}")
 
 
 def save_config(config: Config, path: str | Path) -> None:
