@@ -66,5 +66,6 @@ def build_rewards(names: list[str] | tuple[str, ...] | set[str], options: Mappin
 def _import_builtin_rewards() -> None:
     # Importing the modules runs their @register_reward decorators.
     # The pretrained-model rewards import transformers only when one of them is built.
+    import treegrpo.rewards.imagereward  # noqa: F401
     import treegrpo.rewards.preference  # noqa: F401
     import treegrpo.rewards.shapes  # noqa: F401
