@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tiny_clip import random_images
 from transformers import BertTokenizer
 
+from treegrpo.config import ConfigError
 from treegrpo.rewards import build_reward
 from treegrpo.rewards.imagereward import REWARD_MEAN, REWARD_STD
 from treegrpo.rewards.weights import RewardWeightsError
@@ -146,7 +147,7 @@ def test_imagereward_errors_name_the_fix(files, monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     with pytest.raises(RewardWeightsError, match=r"hf download THUDM/ImageReward ImageReward.pt.*reward\.options\.imagereward\.checkpoint"):
         build_reward("imagereward", tokenizer=str(folder / "tokenizer"))
-    with pytest.raises(RewardWeightsError, match="head_dim=7 does not divide"):
+    with pytest.raises(ConfigError, match="head_dim=7 does not divide"):
         build_reward("imagereward", checkpoint=str(folder / "ImageReward.pt"), tokenizer=str(folder / "tokenizer"), head_dim=7)
     torch.save({k: v for k, v in sd.items() if not k.startswith("mlp.")}, tmp_path / "no_head.pt")
     with pytest.raises(RewardWeightsError, match="is not an ImageReward checkpoint"):

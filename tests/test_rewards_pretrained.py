@@ -111,6 +111,11 @@ def test_batching_in_chunks_equals_one_batch(clip_dir, name):
     chunked = build_reward(name, model=str(clip_dir), device="cpu", batch_size=2, **extra)(images, PROMPTS)
     whole = build_reward(name, model=str(clip_dir), device="cpu", batch_size=8, **extra)(images, PROMPTS)
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    if name == "clipscore":  # bfloat16 weights and activations: close to float32, still float32 out
+        half = build_reward(name, model=str(clip_dir), device="cpu", dtype="bfloat16")(images, PROMPTS)
+        assert half.dtype == torch.float32 and (half - whole).abs().max() < 0.02
+        with pytest.raises(ConfigError, match="dtype must be one of"):
+            build_reward(name, model=str(clip_dir), dtype="half")
 
 
 def test_pickscore_is_logit_scale_exp_times_cosine_with_the_separate_processor(clip_dir, tmp_path):

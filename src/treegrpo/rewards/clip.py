@@ -11,8 +11,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from treegrpo.config import ConfigError
 from treegrpo.rewards.preprocess import ImageTransform
-from treegrpo.rewards.weights import RewardWeightsError, load_all, load_pretrained, missing_weights
+from treegrpo.rewards.weights import load_all, load_pretrained, missing_weights
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -27,7 +28,7 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(reward: str, dtype: str) -> torch.dtype:
     if dtype not in _DTYPES:
-        raise RewardWeightsError(f"reward.options.{reward}.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"reward.options.{reward}.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     return _DTYPES[dtype]
 
 
@@ -84,7 +85,7 @@ class ClipScorer:
     def __init__(self, model, tokenizer, transform: ImageTransform, device: str = "auto", dtype: str = "float32",
                  batch_size: int = 32, reward: str = "clip") -> None:
         if batch_size < 1:
-            raise RewardWeightsError(f"reward.options.{reward}.batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"reward.options.{reward}.batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(reward, dtype)
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)

@@ -27,6 +27,7 @@ import re
 
 import torch
 
+from treegrpo.config import ConfigError
 from treegrpo.rewards.base import register_reward
 from treegrpo.rewards.clip import build_model_without_init, check_batch, chunks, resolve_device, resolve_dtype
 from treegrpo.rewards.preference import RegressionHead, load_torch_checkpoint
@@ -90,7 +91,7 @@ def blip_configs(vision: dict[str, torch.Tensor], text: dict[str, torch.Tensor],
     text_layers = len({k.split(".")[2] for k in text if k.startswith("encoder.layer.")})
     for name, w in (("vision", width), ("text", text_width)):
         if w % head_dim:
-            raise RewardWeightsError(f"reward.options.imagereward.head_dim={head_dim} does not divide the {name} width {w}")
+            raise ConfigError(f"reward.options.imagereward.head_dim={head_dim} does not divide the {name} width {w}")
     vision_config = BlipVisionConfig(
         hidden_size=width, intermediate_size=vision["encoder.layers.0.mlp.fc1.weight"].shape[0],
         num_hidden_layers=vision_layers, num_attention_heads=width // head_dim, image_size=grid * patch,
@@ -138,7 +139,7 @@ class ImageReward:
             raise RewardWeightsError(f"reward 'imagereward': {path!r} is not an ImageReward checkpoint: "
                                      f"{type(err).__name__}: {err}") from None
         if batch_size < 1:
-            raise RewardWeightsError(f"reward.options.imagereward.batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"reward.options.imagereward.batch_size must be >= 1, got {batch_size}")
         self.device, self.dtype, self.batch_size = resolve_device(device), resolve_dtype("imagereward", dtype), batch_size
         for module in (self.vision, self.text, self.head):
             module.to(self.device, self.dtype).eval().requires_grad_(False)
