@@ -248,6 +248,9 @@ def test_hpsv21_conversion_matches_an_openclip_style_forward(hps_files):
 
 def test_hpsv21_rejects_a_checkpoint_of_another_architecture(hps_files, tmp_path):
     folder, sd = hps_files
+    tiny_config(tiny_tokenizer()).save_pretrained(tmp_path / "config_only")  # no tokenizer files
+    with pytest.raises(RewardWeightsError, match="config_only.*has no tokenizer files"):
+        build_reward("hpsv2.1", checkpoint=str(folder / "HPS_v2.1_compressed.pt"), clip_config=str(tmp_path / "config_only"))
     torch.save({"state_dict": {**sd, "visual.extra_head.weight": torch.zeros(2)}}, tmp_path / "bad.pt")
     with pytest.raises(RewardWeightsError, match="does not fit the CLIP config"):
         build_reward("hpsv2.1", checkpoint=str(tmp_path / "bad.pt"), clip_config=str(folder / "clip_config"), device="cpu")

@@ -13,7 +13,7 @@ import torch
 
 from treegrpo.config import ConfigError
 from treegrpo.rewards.preprocess import ImageTransform
-from treegrpo.rewards.weights import load_all, load_pretrained, missing_weights
+from treegrpo.rewards.weights import check_tokenizer, load_all, load_pretrained
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -68,8 +68,7 @@ def load_tokenizer_and_transform(reward: str, source: str | None, repo_id: str, 
 
     files = CLIP_CONFIG_FILES if files is None else files
     tokenizer = load_pretrained(reward, CLIPTokenizer.from_pretrained, source, repo_id, option, what, files)
-    if len(tokenizer.get_vocab()) < 10:  # transformers 5 builds an empty tokenizer when its files are missing
-        raise missing_weights(reward, what, source or repo_id, files, option, None)
+    check_tokenizer(reward, tokenizer, source, repo_id, files or "vocab.json merges.txt (or tokenizer.json)", option)
     processor = load_pretrained(reward, ImageProcessor.from_pretrained, source, repo_id, option, what, files)
     return tokenizer, ImageTransform.from_processor(processor)
 

@@ -32,7 +32,7 @@ from treegrpo.rewards.base import register_reward
 from treegrpo.rewards.clip import build_model_without_init, check_batch, chunks, resolve_device, resolve_dtype
 from treegrpo.rewards.preference import RegressionHead, load_torch_checkpoint
 from treegrpo.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
-from treegrpo.rewards.weights import RewardWeightsError, load_all, load_pretrained, missing_weights, resolve_file
+from treegrpo.rewards.weights import RewardWeightsError, check_tokenizer, load_all, load_pretrained, resolve_file
 
 IMAGEREWARD_REPO, IMAGEREWARD_FILE = "THUDM/ImageReward", "ImageReward.pt"
 TOKENIZER_REPO = "bert-base-uncased"  # BLIP's tokenizer (its [DEC] / [ENC] additions are not used for scoring)
@@ -120,10 +120,7 @@ class ImageReward:
         def load_tokenizer():
             tok = load_pretrained("imagereward", BertTokenizer.from_pretrained, tokenizer, TOKENIZER_REPO, "tokenizer",
                                   "the BERT tokenizer", "vocab.txt tokenizer_config.json")
-            if len(tok.get_vocab()) < 10:  # transformers 5 builds an empty tokenizer when its files are missing
-                raise missing_weights("imagereward", "the BERT tokenizer", tokenizer or TOKENIZER_REPO,
-                                      "vocab.txt tokenizer_config.json", "tokenizer", None)
-            return tok
+            return check_tokenizer("imagereward", tok, tokenizer, TOKENIZER_REPO, "vocab.txt tokenizer_config.json", "tokenizer")
 
         self.tokenizer, path = load_all(load_tokenizer, lambda: resolve_file(
             "imagereward", IMAGEREWARD_REPO, IMAGEREWARD_FILE, checkpoint, "checkpoint"))

@@ -89,3 +89,14 @@ def load_all(*loaders: Callable[[], object]) -> list:
     if problems:
         raise RewardWeightsError(" AND ".join(problems) if len(problems) > 1 else problems[0])
     return results
+
+
+def check_tokenizer(reward: str, tokenizer: T, source: str | None, repo_id: str, files: str, option: str) -> T:
+    """transformers 5 builds an empty tokenizer (no vocabulary) instead of failing when its files are
+    missing; turn that into RewardWeightsError."""
+    if len(tokenizer.get_vocab()) >= 10:  # type: ignore[attr-defined]
+        return tokenizer
+    if source and Path(source).expanduser().is_dir():
+        raise RewardWeightsError(f"reward {reward!r}: the folder {source!r} (reward.options.{reward}.{option}) has no "
+                                 f"tokenizer files; it needs {files}")
+    raise missing_weights(reward, "a tokenizer", source or repo_id, files, option, None)
