@@ -6,6 +6,7 @@ iterations (and of different methods) compare images of the same starting points
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Mapping
 
@@ -131,7 +132,7 @@ def normalized_scores(metrics: Mapping[str, float], baseline: Mapping[str, float
         if not key.startswith("reward/") or key not in baseline:
             continue
         base = float(baseline[key])
-        if base == 0 or not (torch.isfinite(torch.tensor(base)) and torch.isfinite(torch.tensor(float(value)))):
+        if base == 0 or not (math.isfinite(base) and math.isfinite(float(value))):
             continue
         out["normalized/" + key[len("reward/"):]] = (float(value) - base) / abs(base)
     if out:
