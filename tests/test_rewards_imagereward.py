@@ -152,3 +152,26 @@ def test_imagereward_errors_name_the_fix(files, monkeypatch, tmp_path):
     torch.save({k: v for k, v in sd.items() if not k.startswith("mlp.")}, tmp_path / "no_head.pt")
     with pytest.raises(RewardWeightsError, match="is not an ImageReward checkpoint"):
         build_reward("imagereward", checkpoint=str(tmp_path / "no_head.pt"), tokenizer=str(folder / "tokenizer"), head_dim=8)
+
+
+def test_real_imagereward_shapes_give_blip_vit_large_and_bert_base():
+    """The sizes read off ImageReward.pt's tensor shapes (meta tensors: nothing allocated)."""
+    from treegrpo.rewards.imagereward import blip_configs, split_imagereward
+
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+
+    v, t = "blip.visual_encoder", "blip.text_encoder"
+    sd = {f"{v}.cls_token": meta(1, 1, 1024), f"{v}.pos_embed": meta(1, 197, 1024), f"{v}.patch_embed.proj.weight": meta(1024, 3, 16, 16),
+          f"{t}.embeddings.word_embeddings.weight": meta(30524, 768), f"{t}.embeddings.position_embeddings.weight": meta(512, 768)}
+    for i in range(24):
+        sd[f"{v}.blocks.{i}.mlp.fc1.weight"] = meta(4096, 1024)
+    for i in range(12):
+        sd[f"{t}.encoder.layer.{i}.crossattention.self.key.weight"] = meta(768, 1024)
+        sd[f"{t}.encoder.layer.{i}.intermediate.dense.weight"] = meta(3072, 768)
+    vision, text, _ = split_imagereward(sd)
+    vc, tc = blip_configs(vision, text, head_dim=64)
+    assert (vc.hidden_size, vc.num_hidden_layers, vc.num_attention_heads, vc.patch_size, vc.image_size, vc.intermediate_size,
+            vc.layer_norm_eps) == (1024, 24, 16, 16, 224, 4096, 1e-6)
+    assert (tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, tc.encoder_hidden_size, tc.vocab_size,
+            tc.intermediate_size, tc.max_position_embeddings, tc.layer_norm_eps) == (768, 12, 12, 1024, 30524, 3072, 512, 1e-12)
