@@ -144,6 +144,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             baseline = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"--baseline {args.baseline!r} is not valid JSON: {err}") from None
+        if not isinstance(baseline, dict):
+            raise ValueError(f"--baseline {args.baseline!r} must hold a JSON object like {{\"reward/NAME\": mean}}")
     # Rewards first: a missing reward model should fail before minutes of sampling.
     rewards = build_rewards(names, parse_reward_options(args.config, args.reward_option))
     if args.images:
