@@ -3,6 +3,7 @@
     treegrpo train [CONFIG.yaml] [section.key=value ...] [--output-dir DIR]
     treegrpo sample --checkpoint {base|RUN_DIR|PATH} [--prompts all|FILE] [--seeds N] --out DIR
     treegrpo eval --checkpoint {base|RUN_DIR|PATH} [--rewards a,b] [--prompts all|FILE] [--seeds N]
+                  [--reward-option NAME:KEY=VALUE ...] [--images DIR] [--baseline BASE.json] [--out FILE.json]
     treegrpo pretrain {shapes|classifier} [--out PATH] [--steps N] [--seed S]
     treegrpo bench [--methods a,b] [--seeds 0 1 2] [--variant NAME:key=value,...] [--quick] [--out DIR]
     treegrpo report {RUN_DIR|BENCH_DIR} [--out FILE]
@@ -110,19 +111,66 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from treegrpo.evaluation import evaluate
-    from treegrpo.prompts import load_prompts
-    from treegrpo.rewards import build_reward
+def parse_reward_options(config_path: str | None, flags: list[str]) -> dict[str, dict]:
+    """reward.options from a config file, then ``NAME:KEY=VALUE`` flags (YAML values); validated."""
+    import yaml
 
-    policy, info = _resolve_policy(args.checkpoint, args.guidance_scale)
+    from treegrpo.config import ConfigError, load_config, validate_reward_options
+
+    options: dict[str, dict] = {}
+    if config_path:
+        options = {name: dict(opts) for name, opts in load_config(config_path).reward.options.items()}
+    for flag in flags:
+        name, sep, rest = flag.partition(":")
+        key, eq, raw = rest.partition("=")
+        if not (sep and eq and name and key):
+            raise ConfigError(f"--reward-option {flag!r} must look like NAME:KEY=VALUE (e.g. hpsv2.1:checkpoint=/path.pt)")
+        options.setdefault(name.strip(), {})[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    validate_reward_options(options)
+    return options
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from treegrpo.evaluation import (evaluate, load_image_folder, normalized_scores, reward_statistics,
+                                     score_image_list)
+    from treegrpo.prompts import load_prompts
+    from treegrpo.rewards import build_rewards
+
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]
-    rewards = {n: build_reward(n) for n in names}
-    prompts = load_prompts(args.prompts)
-    seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
-    metrics, _ = evaluate(policy, prompts, seeds, rewards, args.steps or info["num_steps"],
-                          shapes_accuracy=info["family"] == "shapes", progress=not args.quiet)
-    print(json.dumps(metrics, indent=2))
+    baseline = None
+    if args.baseline:
+        path = Path(args.baseline)
+        if not path.is_file():
+            raise FileNotFoundError(f"--baseline {args.baseline!r} does not exist (write one with `treegrpo eval --out FILE`)")
+        try:
+            baseline = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--baseline {args.baseline!r} is not valid JSON: {err}") from None
+        if not isinstance(baseline, dict):
+            raise ValueError(f"--baseline {args.baseline!r} must hold a JSON object like {{\"reward/NAME\": mean}}")
+    # Rewards first: a missing reward model should fail before minutes of sampling.
+    rewards = build_rewards(names, parse_reward_options(args.config, args.reward_option))
+    if args.images:
+        images, prompts = load_image_folder(args.images)
+        metrics = reward_statistics(score_image_list(images, prompts, rewards))
+        metrics["images"] = float(len(images))
+    else:
+        policy, info = _resolve_policy(args.checkpoint, args.guidance_scale)
+        prompts = load_prompts(args.prompts)
+        seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
+        metrics, _ = evaluate(policy, prompts, seeds, rewards, args.steps or info["num_steps"],
+                              shapes_accuracy=info["family"] == "shapes", progress=not args.quiet, spread=True)
+        metrics["images"] = float(len(prompts) * len(seeds))
+    if baseline is not None:
+        normalized = normalized_scores(metrics, baseline)
+        if not normalized:
+            raise ValueError(f"--baseline {args.baseline!r} shares no reward/NAME entry with this evaluation")
+        metrics.update(normalized)
+    text = json.dumps(metrics, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
     return 0
 
 
@@ -184,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     for name, func, helptext in (("sample", cmd_sample, "write ODE samples as PNGs with an index.jsonl"),
-                                 ("eval", cmd_eval, "print mean rewards (and shapes accuracies) as JSON")):
+                                 ("eval", cmd_eval, "mean rewards on held-out prompts and seeds (and shapes accuracies) as JSON")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--checkpoint", default="base", help="base, a run directory, or a checkpoint path")
         p.add_argument("--prompts", default="all", help="all (54 shapes prompts) or a prompt file (.txt, .jsonl, .csv)")
@@ -196,7 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sample":
             p.add_argument("--out", required=True, help="output directory")
         else:
-            p.add_argument("--rewards", default="shapes,shape,color,background", help="comma-separated reward names")
+            p.add_argument("--rewards", default="shapes,shape,color,background",
+                           help="comma-separated reward names, e.g. hpsv2.1,imagereward,aesthetic,clipscore")
+            p.add_argument("--reward-option", action="append", default=[], metavar="NAME:KEY=VALUE",
+                           help="a reward option (repeatable), e.g. hpsv2.1:checkpoint=/path/HPS_v2.1_compressed.pt")
+            p.add_argument("--config", help="a YAML config whose reward.options apply (flags override it)")
+            p.add_argument("--images", metavar="DIR", help="score the images of `treegrpo sample --out DIR` instead of sampling")
+            p.add_argument("--baseline", metavar="JSON", help="an earlier `eval --out` (e.g. the base model): adds "
+                           "normalized/NAME = relative improvement over it, and normalized/average")
+            p.add_argument("--out", metavar="JSON", help="also write the results to this file")
         p.set_defaults(func=func)
 
     bench = sub.add_parser("bench", help="compare methods under an equal budget on held-out evaluation")

@@ -63,8 +63,13 @@ class MethodConfig:
 
 @dataclass
 class RewardConfig:
-    weights: dict[str, float] = field(default_factory=lambda: {"shapes": 1.0})  # reward name -> weight
+    # reward name -> weight; several rewards are standardised per prompt group, weighted, standardised
+    # again (the paper's HPS-v2.1 : CLIPScore 4:1 is `weights: {hpsv2.1: 0.8, clipscore: 0.2}`)
+    weights: dict[str, float] = field(default_factory=lambda: {"shapes": 1.0})
     eval: list[str] = field(default_factory=lambda: ["shapes", "shape", "color", "background"])
+    # reward name -> its constructor options, e.g. {hpsv2.1: {checkpoint: /path/HPS_v2.1_compressed.pt,
+    # device: cuda}}; see each reward's docstring (treegrpo.rewards.preference) for its keys
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -275,6 +280,7 @@ def validate(config: Config) -> None:
             close = difflib.get_close_matches(name, known, n=3)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ConfigError(f"unknown reward {name!r} in reward.weights / reward.eval.{hint} Available: {', '.join(known)}")
+    validate_reward_options(config.reward.options, known)
     from treegrpo.tracking import check_trackers
 
     check_trackers(config.log.trackers)
@@ -283,6 +289,25 @@ def validate(config: Config) -> None:
                           f"(the last step never branches): use at most {config.model.num_steps - 1}")
     if m.name in ("treegrpo", "mix_grpo") and m.window_mode == "fixed" and not 0 <= m.window_start <= config.model.num_steps - 1 - m.window:
         raise ConfigError(f"method.window_start must be in 0..{config.model.num_steps - 1 - m.window}")
+
+
+def validate_reward_options(options: dict[str, Any], known: list[str] | None = None) -> None:
+    """``reward.options``: every name a registered reward, every key one of its constructor options."""
+    from treegrpo.rewards import available_rewards, reward_options
+
+    known = known if known is not None else available_rewards()
+    for name, opts in options.items():
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(f"unknown reward {name!r} in reward.options.{hint} Available: {', '.join(known)}")
+        if not isinstance(opts, dict):
+            raise ConfigError(f"reward.options.{name} must be a mapping of option: value, got {opts!r}")
+        valid = reward_options(name)
+        for key in opts:
+            if key not in valid:
+                raise ConfigError(f"unknown option {key!r} in reward.options.{name}; reward {name!r} takes: "
+                                  f"{', '.join(valid) if valid else 'no options'}")
 
 
 def save_config(config: Config, path: str | Path) -> None:

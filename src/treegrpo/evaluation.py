@@ -6,6 +6,7 @@ iterations (and of different methods) compare images of the same starting points
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Mapping
 
@@ -55,13 +56,18 @@ def score_images(images: torch.Tensor, prompts: list[str], rewards: Mapping[str,
 
 @torch.no_grad()
 def evaluate(policy: Policy, prompts: list[str], seeds: list[int], rewards: Mapping[str, Reward], num_steps: int,
-             max_batch: int = 512, shapes_accuracy: bool = False, progress: bool = False) -> tuple[dict[str, float], torch.Tensor]:
+             max_batch: int = 512, shapes_accuracy: bool = False, progress: bool = False,
+             spread: bool = False) -> tuple[dict[str, float], torch.Tensor]:
     """Mean reward per reward model (``reward/NAME``) and, for the shapes world, accuracies
     (``acc/shape``, ``acc/color``, ``acc/background``, ``acc/all``) over every (prompt, seed).
-    Returns (metrics, images [P * S, 3, H, W])."""
+    spread: also ``reward_std/NAME`` (see `reward_statistics`). Returns (metrics, images [P * S, 3, H, W])."""
     images = ode_sample(policy, prompts, seeds, num_steps, max_batch, progress=progress, desc="eval")
     per_image_prompts = [p for p in prompts for _ in seeds]
-    metrics = {f"reward/{k}": float(v.mean()) for k, v in score_images(images, per_image_prompts, rewards, max_batch).items()}
+    scores = score_images(images, per_image_prompts, rewards, max_batch)
+    if spread:
+        metrics = reward_statistics(scores)
+    else:
+        metrics = {f"reward/{k}": float(v.mean()) for k, v in scores.items()}
     if shapes_accuracy:
         from treegrpo.rewards.shapes import shapes_accuracy as accuracy
 
@@ -96,3 +102,87 @@ def side_by_side(left: Image.Image, right: Image.Image, gap: int = 16) -> Image.
 def save_image(img: Image.Image, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+
+
+def reward_statistics(scores: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """``reward/NAME`` (mean) and ``reward_std/NAME`` (population std) over the images, per reward.
+    Non-finite scores are left out and counted in ``nonfinite/NAME`` (only when there are any)."""
+    out: dict[str, float] = {}
+    for name, values in scores.items():
+        finite = values[torch.isfinite(values)].double()
+        out[f"reward/{name}"] = float(finite.mean()) if finite.numel() else float("nan")
+        out[f"reward_std/{name}"] = float(finite.std(unbiased=False)) if finite.numel() else float("nan")
+        if finite.numel() < values.numel():
+            out[f"nonfinite/{name}"] = float(values.numel() - finite.numel())
+    return out
+
+
+def normalized_scores(metrics: Mapping[str, float], baseline: Mapping[str, float]) -> dict[str, float]:
+    """Relative improvement over a baseline evaluation, per reward and averaged.
+
+    ``normalized/NAME = (reward/NAME - base) / |base|`` for every ``reward/NAME`` in both, and
+    ``normalized/average`` = their mean: the "average normalised score" axis of the TreeGRPO paper's
+    Pareto figure, as we define it. The paper does not state its normalisation; this definition
+    applied to its own table (SD3.5-M as the base; HPS-v2.1, ImageReward, Aesthetic, CLIPScore) gives
+    TreeGRPO 22.2%, DanceGRPO 21.2%, MixGRPO 17.6%, DDPO 3.1% against the figure's 15.6%, 14.9%,
+    12.1%, 2.4% (same order; no simple alternative we tried reproduces the figure's values, see
+    docs/rewards.md).
+    """
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if not key.startswith("reward/") or key not in baseline:
+            continue
+        base = float(baseline[key])
+        if base == 0 or not (math.isfinite(base) and math.isfinite(float(value))):
+            continue
+        out["normalized/" + key[len("reward/"):]] = (float(value) - base) / abs(base)
+    if out:
+        out["normalized/average"] = sum(out.values()) / len(out)
+    return out
+
+
+def load_image_folder(folder: str | Path) -> tuple[list[torch.Tensor], list[str]]:
+    """Images and prompts written by ``treegrpo sample`` (``index.jsonl`` lines ``{"file", "prompt"}``):
+    ([3, H, W] float32 in [0, 1] per image, prompts)."""
+    import json
+
+    import numpy as np
+
+    folder = Path(folder)
+    index = folder / "index.jsonl"
+    if not index.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no index.jsonl (write one with `treegrpo sample --out DIR`)")
+    images, prompts = [], []
+    for n, line in enumerate(index.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            path, prompt = folder / record["file"], record["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{index}:{n}: each line needs \"file\" and \"prompt\" fields") from None
+        if not path.is_file():
+            raise FileNotFoundError(f"{index}:{n}: image {str(path)!r} does not exist")
+        array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+        images.append(torch.from_numpy(array).permute(2, 0, 1).contiguous())
+        prompts.append(prompt)
+    if not images:
+        raise ValueError(f"{index} lists no images")
+    return images, prompts
+
+
+@torch.no_grad()
+def score_image_list(images: list[torch.Tensor], prompts: list[str], rewards: Mapping[str, Reward],
+                     max_batch: int = 512) -> dict[str, torch.Tensor]:
+    """`score_images` for images of possibly different sizes: same-size images are batched together;
+    scores come back in the input order, {name: [N]}."""
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape), []).append(i)
+    out = {name: torch.full((len(images),), float("nan")) for name in rewards}
+    for indices in by_size.values():
+        batch = torch.stack([images[i] for i in indices])
+        scores = score_images(batch, [prompts[i] for i in indices], rewards, max_batch)
+        for name, values in scores.items():
+            out[name][indices] = values
+    return out

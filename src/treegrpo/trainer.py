@@ -33,7 +33,7 @@ from treegrpo.methods import Method
 from treegrpo.policies import Policy, build_policy, load_trainable_state_dict, trainable_state_dict
 from treegrpo.policies.lora import BaseModelView
 from treegrpo.prompts import load_prompts
-from treegrpo.rewards import build_reward
+from treegrpo.rewards import build_rewards
 from treegrpo.rollout import rollout, transition
 from treegrpo.steps import gaussian_log_prob
 from treegrpo.tracking import RunLogger
@@ -57,7 +57,7 @@ class Trainer:
         self.eval_prompts = load_prompts(config.eval.prompts)
         self.eval_seeds = [config.eval.seed_offset + i for i in range(config.eval.num_seeds)]
         names = set(config.reward.weights) | set(config.reward.eval)
-        self.rewards = {name: build_reward(name) for name in sorted(names)}
+        self.rewards = build_rewards(names, config.reward.options)
         self.params = [p for p in self.policy.trainable_parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("the policy has no trainable parameters")

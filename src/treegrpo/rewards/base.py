@@ -7,7 +7,8 @@ factory under a name; configs refer to rewards by that name (no if/elif chains).
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Protocol, runtime_checkable
+import inspect
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import torch
 
@@ -49,6 +50,22 @@ def build_reward(name: str, **options) -> Reward:
     return _REGISTRY[name](**options)
 
 
+def reward_options(name: str) -> list[str]:
+    """The option names (constructor keywords) the reward registered as `name` accepts."""
+    _import_builtin_rewards()
+    params = inspect.signature(_REGISTRY[name]).parameters.values()
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def build_rewards(names: list[str] | tuple[str, ...] | set[str], options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Reward]:
+    """{name: reward} for each name, built with its options from ``reward.options`` (if any)."""
+    options = options or {}
+    return {name: build_reward(name, **dict(options.get(name, {}))) for name in sorted(names)}
+
+
 def _import_builtin_rewards() -> None:
     # Importing the modules runs their @register_reward decorators.
+    # The pretrained-model rewards import transformers only when one of them is built.
+    import treegrpo.rewards.imagereward  # noqa: F401
+    import treegrpo.rewards.preference  # noqa: F401
     import treegrpo.rewards.shapes  # noqa: F401
