@@ -23,10 +23,12 @@ $(STAMP): requirements.txt pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# The main job: TreeGRPO on the embedded shapes model (a fresh run each time), then the results.
+# The main job: TreeGRPO on the embedded shapes model (a fresh run each time), then the results
+# and the run's HTML report (its path is printed last).
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/treegrpo train --output-dir $(DEMO_DIR)
+	$(BIN)/treegrpo report $(DEMO_DIR)
 
 # Every method under an equal 120 s training budget, 3 seeds (about 35-45 minutes on 2 cores).
 bench: $(STAMP)

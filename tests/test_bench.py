@@ -42,6 +42,8 @@ def test_a_tiny_bench_writes_results_table_and_plots(tmp_path, capsys):
     assert "| treegrpo |" in table and "| dance_grpo |" in table and "s to reach k3" in table
     for plot in ["reward_vs_seconds.png", "reward_vs_calls.png", "final_vs_seconds_per_iteration.png"]:
         assert (out / plot).stat().st_size > 1000
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    assert 'id="pareto-plot"' in (out / "report.html").read_text()
     # Finished runs are reused: a second call does not retrain (metrics files untouched).
     before = (out / "treegrpo-seed0" / "metrics.jsonl").stat().st_mtime_ns
     run_bench(out, ["treegrpo"], [0], [], TINY, progress=False)

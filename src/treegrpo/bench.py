@@ -200,10 +200,16 @@ def run_bench(out: str | Path, methods: list[str], seeds: list[int], variants: l
     lines = [Variant(m, method_config(m)) for m in methods] + [parse_variant(v) for v in variants]
     for line in lines:  # validate every config before the first run starts
         load_config(line.config, [*common, *line.overrides])
+    from tqdm.auto import tqdm
+
     runs: dict[str, list[Path]] = {}
-    for seed in seeds:  # seed-major: an interrupted bench still has every method for the first seeds
-        for line in lines:
-            runs.setdefault(line.name, []).append(run_variant(line, seed, out, common, progress))
+    # Runs done / total with an ETA, on a terminal only; each run's own train bar shows below it.
+    with tqdm(total=len(seeds) * len(lines), desc="bench runs", unit="run", disable=None if progress else True) as bar:
+        for seed in seeds:  # seed-major: an interrupted bench still has every method for the first seeds
+            for line in lines:
+                bar.set_postfix_str(f"{line.name} seed {seed}")
+                runs.setdefault(line.name, []).append(run_variant(line, seed, out, common, progress))
+                bar.update(1)
     results = summarise(runs)
     results["seeds"] = seeds
     results["common_overrides"] = common

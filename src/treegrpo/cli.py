@@ -6,6 +6,7 @@
                   [--reward-option NAME:KEY=VALUE ...] [--images DIR] [--baseline BASE.json] [--out FILE.json]
     treegrpo pretrain {shapes|classifier} [--out PATH] [--steps N] [--seed S]
     treegrpo bench [--methods a,b] [--seeds 0 1 2] [--variant NAME:key=value,...] [--quick] [--out DIR]
+    treegrpo report {RUN_DIR|BENCH_DIR} [--out FILE]
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def print_summary(summary: dict, output: Path) -> None:
         print(f"  {key:<22}{base.get(key, float('nan')):>10.4f}{final.get(key, float('nan')):>10.4f}")
     print(f"run directory: {output}")
     print(f"samples (start vs latest): {output / 'samples' / 'start_vs_latest.png'}")
+    print(f"HTML report (curves, samples, the tree): treegrpo report {output}")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -201,8 +203,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     common = [*(BENCH_QUICK if args.quick else BENCH_BUDGET), *args.overrides]
     out = Path(args.out or ("runs/bench_quick" if args.quick else "runs/bench"))
     run_bench(out, methods, seeds, args.variant, common, progress=not args.quiet)
+    from treegrpo.report import write_bench_report
+
     print((out / "results.md").read_text())
     print(f"bench directory: {out} (results.json, results.md, plots)")
+    print(f"report: {write_bench_report(out)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from treegrpo.report import write_report
+
+    path = write_report(args.directory, args.out)
+    print(f"report: {path}")
     return 0
 
 
@@ -252,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="bench directory (finished runs in it are reused)")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_bench)
+
+    report = sub.add_parser("report", help="write one self-contained HTML page for a run or a benchmark")
+    report.add_argument("directory", help="a run directory (train's --output-dir) or a bench directory (bench's --out)")
+    report.add_argument("--out", help="the HTML file to write (default DIRECTORY/report.html)")
+    report.set_defaults(func=cmd_report)
 
     pre = sub.add_parser("pretrain", help="re-create the shipped shapes model or reward classifier")
     pre.add_argument("what", choices=["shapes", "classifier"])

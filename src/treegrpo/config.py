@@ -111,6 +111,13 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers by name ([] = metrics.jsonl only; wandb when installed)
+    tree_every: int = 20  # iterations between saved tree records (trees/iter_NNNNNN.*) for the report; 0 = the last only
+    tree_thumbnail: int = 48  # largest side in pixels of the leaf thumbnails kept in a tree record
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -118,6 +125,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -258,6 +266,8 @@ def validate(config: Config) -> None:
         (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
         (e.num_seeds >= 1, f"eval.num_seeds must be >= 1, got {e.num_seeds}"),
         (e.every >= 0 and t.checkpoint_every >= 0, "eval.every and train.checkpoint_every must be >= 0"),
+        (config.log.tree_every >= 0, f"log.tree_every must be >= 0, got {config.log.tree_every}"),
+        (config.log.tree_thumbnail >= 4, f"log.tree_thumbnail must be >= 4 pixels, got {config.log.tree_thumbnail}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -271,6 +281,9 @@ def validate(config: Config) -> None:
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ConfigError(f"unknown reward {name!r} in reward.weights / reward.eval.{hint} Available: {', '.join(known)}")
     validate_reward_options(config.reward.options, known)
+    from treegrpo.tracking import check_trackers
+
+    check_trackers(config.log.trackers)
     if m.name in ("treegrpo", "mix_grpo") and m.window > config.model.num_steps - 1:
         raise ConfigError(f"method.window={m.window} does not fit in model.num_steps={config.model.num_steps} "
                           f"(the last step never branches): use at most {config.model.num_steps - 1}")

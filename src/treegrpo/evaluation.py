@@ -26,13 +26,14 @@ def seeded_noise(seeds: list[int], latent_shape: tuple[int, ...]) -> torch.Tenso
 
 @torch.no_grad()
 def ode_sample(policy: Policy, prompts: list[str], seeds: list[int], num_steps: int, max_batch: int = 512,
-               progress: bool = False) -> torch.Tensor:
+               progress: bool = False, desc: str = "sample") -> torch.Tensor:
     """Deterministic (ODE / eta = 0) samples for every (prompt, seed): [P * S, 3, H, W] in [0, 1],
-    prompt-major (index p * S + s)."""
+    prompt-major (index p * S + s). progress: a bar over model calls, titled `desc`, on a terminal."""
     noise = seeded_noise(seeds, policy.latent_shape)
     roots = noise.repeat(len(prompts), *([1] * (noise.ndim - 1)))  # prompt-major: each prompt gets all seeds
     chain = TreeShape((1,) * num_steps, (False,) * num_steps, (False,) * num_steps, roots_per_prompt=len(seeds))
-    tree = rollout(policy, prompts, chain, num_steps=num_steps, max_batch=max_batch, root_latents=roots, progress=progress)
+    tree = rollout(policy, prompts, chain, num_steps=num_steps, max_batch=max_batch, root_latents=roots, progress=progress,
+                   desc=desc)
     return decode_chunked(policy, tree.leaves, max_batch)
 
 
@@ -60,7 +61,7 @@ def evaluate(policy: Policy, prompts: list[str], seeds: list[int], rewards: Mapp
     """Mean reward per reward model (``reward/NAME``) and, for the shapes world, accuracies
     (``acc/shape``, ``acc/color``, ``acc/background``, ``acc/all``) over every (prompt, seed).
     spread: also ``reward_std/NAME`` (see `reward_statistics`). Returns (metrics, images [P * S, 3, H, W])."""
-    images = ode_sample(policy, prompts, seeds, num_steps, max_batch, progress=progress)
+    images = ode_sample(policy, prompts, seeds, num_steps, max_batch, progress=progress, desc="eval")
     per_image_prompts = [p for p in prompts for _ in seeds]
     scores = score_images(images, per_image_prompts, rewards, max_batch)
     if spread:

@@ -8,7 +8,7 @@ node's single mean. The rollout does not know which method it serves: the `TreeS
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -58,10 +58,15 @@ def transition(schedule: Schedule, sampler: SamplerConfig, x: torch.Tensor, mode
 
 
 def predict_chunked(policy: Policy, x: torch.Tensor, times: torch.Tensor, cond: Any,
-                    prompt_index: torch.Tensor, max_batch: int) -> torch.Tensor:
-    """`policy.predict` over chunks of at most `max_batch` rows; [B, ...] -> [B, ...] float32."""
-    outs = [policy.predict(x[s:s + max_batch], times[s:s + max_batch], cond, prompt_index[s:s + max_batch])
-            for s in range(0, x.shape[0], max_batch)]
+                    prompt_index: torch.Tensor, max_batch: int,
+                    on_chunk: Callable[[int], Any] | None = None) -> torch.Tensor:
+    """`policy.predict` over chunks of at most `max_batch` rows; [B, ...] -> [B, ...] float32.
+    on_chunk(rows) is called after each chunk (progress bars)."""
+    outs = []
+    for s in range(0, x.shape[0], max_batch):
+        outs.append(policy.predict(x[s:s + max_batch], times[s:s + max_batch], cond, prompt_index[s:s + max_batch]))
+        if on_chunk is not None:
+            on_chunk(outs[-1].shape[0])
     return torch.cat(outs).float()
 
 
@@ -69,13 +74,14 @@ def predict_chunked(policy: Policy, x: torch.Tensor, times: torch.Tensor, cond: 
 def rollout(policy: Policy, prompts: list[str], shape: TreeShape, *, num_steps: int | None = None,
             sampler: SamplerConfig = SamplerConfig(), generator: torch.Generator | None = None,
             max_batch: int = 256, cond: Any = None, keep_all_latents: bool = False,
-            root_latents: torch.Tensor | None = None, progress: bool = False) -> Tree:
+            root_latents: torch.Tensor | None = None, progress: bool = False, desc: str = "rollout") -> Tree:
     """Grow one forest for `prompts` with `shape`; returns the `Tree` (its `num_model_calls` counts
     model evaluations without CFG).
 
     Noise is drawn per level for the whole level, so the result depends on the seed, not on
     `max_batch`. Only the levels training needs (trained nodes, their children, leaves) keep their
     latents unless `keep_all_latents`. root_latents: optional [P * R, *latent_shape] initial noise.
+    progress: a bar (model calls done / total, with ETA) on a terminal, titled `desc`.
     """
     num_steps = num_steps or shape.num_steps
     if shape.num_steps != num_steps:
@@ -98,10 +104,12 @@ def rollout(policy: Policy, prompts: list[str], shape: TreeShape, *, num_steps: 
 
     if not keep(0):
         tree.latents[0] = None
-    for i in tqdm(range(num_steps), desc="rollout", disable=None if progress else True, leave=False):
+    bar = tqdm(total=num_roots * shape.num_model_calls, desc=desc, unit="call", disable=None if progress else True,
+               leave=False, dynamic_ncols=True)
+    for i in range(num_steps):
         prompt_index = tree.prompt[i]
         step = torch.full((x.shape[0],), i, dtype=torch.long, device=device)
-        out = predict_chunked(policy, x, schedule.times.to(device)[step], cond, prompt_index, max_batch)
+        out = predict_chunked(policy, x, schedule.times.to(device)[step], cond, prompt_index, max_batch, bar.update)
         tree.num_model_calls += x.shape[0]
         mean, std = transition(schedule, sampler, x, out, step, shape.stochastic[i])
         if std is None:
@@ -113,4 +121,5 @@ def rollout(policy: Policy, prompts: list[str], shape: TreeShape, *, num_steps: 
             log_prob = gaussian_log_prob(children, mean, std)
         tree.add_level(children, log_prob, keep_latents=keep(i + 1))
         x = children
+    bar.close()
     return tree

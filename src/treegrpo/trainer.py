@@ -36,7 +36,9 @@ from treegrpo.prompts import load_prompts
 from treegrpo.rewards import build_rewards
 from treegrpo.rollout import rollout, transition
 from treegrpo.steps import gaussian_log_prob
+from treegrpo.tracking import RunLogger
 from treegrpo.tree import EdgeBatch, trained_edges
+from treegrpo.tree_record import TreeRecord, record_tree
 
 
 class Trainer:
@@ -80,6 +82,7 @@ class Trainer:
         self.total_calls = 0
         self.base_eval: dict[str, float] | None = None
         self.grid_rows = self._grid_rows()
+        self.tree_record: TreeRecord | None = None  # the last iteration's tree of its first prompt, for the report
 
     # ------------------------------------------------------------------ run
     def train(self) -> dict[str, Any]:
@@ -87,6 +90,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = self._maybe_resume()
         save_config(c, self.out / "config.yaml")
+        self.logger = RunLogger(self.out, c.log.trackers, c.to_dict())
         if not resumed:
             (self.out / "metrics.jsonl").write_text("")
             self.base_eval = self._evaluate(tag="start")
@@ -109,6 +113,8 @@ class Trainer:
                 last_eval = self._evaluate(tag=f"iter_{self.iteration:06d}")
                 record.update({f"eval/{k}": v for k, v in last_eval.items()})
             self._log(record)
+            if self.tree_record is not None and (final or (c.log.tree_every and self.iteration % c.log.tree_every == 0)):
+                self.logger.save_tree(self.tree_record)
             if final or (c.train.checkpoint_every and self.iteration % c.train.checkpoint_every == 0):
                 self._checkpoint()
             bar.update(1)
@@ -119,6 +125,7 @@ class Trainer:
         summary = {"iterations": self.iteration, "wall_seconds": round(self.elapsed, 3),
                    "model_calls": self.total_calls, "base": self.base_eval, "final": last_eval}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.logger.finish()
         return summary
 
     def _budget_spent(self) -> bool:
@@ -144,6 +151,8 @@ class Trainer:
                                    temperature=rule.temperature, per_depth=rule.per_depth, unbiased=rule.unbiased,
                                    global_std=rule.global_std, mask=finite)
         batch = trained_edges(tree, edge_adv)
+        self.tree_record = record_tree(tree, edge_adv, images, scores, prompts, self.iteration + 1, c.reward.weights,
+                                       thumbnail_size=c.log.tree_thumbnail)
         record: dict[str, float] = {
             "window_start": float(shape.trained_steps[0]) if shape.trained_steps else -1.0,
             "leaves": float(tree.leaves.shape[0]),
@@ -254,6 +263,7 @@ class Trainer:
         images = per_prompt[self.grid_rows].flatten(0, 1)
         grid = image_grid(images, len(self.grid_rows), len(self.eval_seeds))
         save_image(grid, self.out / "samples" / f"{tag}.png")
+        self.logger.log_grid(tag, grid, self.iteration, [self.eval_prompts[i] for i in self.grid_rows], self.eval_seeds)
         start = self.out / "samples" / "start.png"
         if tag != "start" and start.is_file():
             from PIL import Image
@@ -262,8 +272,7 @@ class Trainer:
         return metrics
 
     def _log(self, record: dict[str, Any]) -> None:
-        with (self.out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.logger.log(record)
 
     def _checkpoint(self) -> None:
         state = {"iteration": self.iteration, "wall_seconds": self.elapsed, "model_calls": self.total_calls,
