@@ -85,3 +85,95 @@ def test_sd15_v_prediction_is_converted_to_epsilon():
     tree = rollout(policy, [PROMPT], _chain(False), root_latents=noise)
     _, ref_latent = _pipe_call(pipe, "sd15", noise.clone(), 5.0)
     assert (tree.leaves - ref_latent).abs().max().item() < 1e-5
+
+
+# ---------------------------------------------------------------- LoRA, training, precision
+
+
+def _perturb_lora(policy, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("family,build,guidance", [("sd3", tiny_sd3, 4.5), ("flux", tiny_flux, 3.5), ("sd15", tiny_sd15, 7.5)])
+def test_saved_lora_loads_into_a_plain_pipeline_and_gives_the_same_images(tmp_path, family, build, guidance):
+    policy = treegrpo.load_policy(build(), **_options(family, guidance))
+    n = policy.add_lora(rank=4, alpha=2.0)  # alpha != rank: the saved adapter config must carry the scale
+    assert n > 0 and all(p.dtype == torch.float32 for p in policy.trainable_parameters())
+    _perturb_lora(policy)
+    policy.save_lora_weights(tmp_path / "lora")
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    noise = torch.randn((1, *policy.latent_shape), generator=torch.Generator().manual_seed(6))
+    ours = rollout(policy, [PROMPT], _chain(False), root_latents=noise).leaves
+    fresh = build()
+    _, base_latent = _pipe_call(fresh, family, noise.clone(), guidance)
+    fresh.load_lora_weights(tmp_path / "lora")
+    _, lora_latent = _pipe_call(fresh, family, noise.clone(), guidance)
+    assert (ours - base_latent).abs().max().item() > 1e-3  # the adapters change the result
+    assert (ours - lora_latent).abs().max().item() < 1e-5
+
+
+def test_adapters_off_is_the_base_model():
+    from treegrpo.policies.lora import BaseModelView
+
+    pipe = tiny_sd3()
+    policy = treegrpo.load_policy(pipe, **_options("sd3", 4.5))
+    x = torch.randn((2, *policy.latent_shape), generator=torch.Generator().manual_seed(7))
+    times, index = policy.schedule(T).times[:2], torch.zeros(2, dtype=torch.long)
+    cond = policy.encode_prompts([PROMPT])
+    with torch.no_grad():
+        base = policy.predict(x, times, cond, index)
+        policy.add_lora(rank=2, alpha=2.0)
+        _perturb_lora(policy)
+        assert (policy.predict(x, times, cond, index) - base).abs().max() > 1e-4
+        torch.testing.assert_close(BaseModelView(policy).predict(x, times, cond, index), base, rtol=0, atol=1e-6)
+
+
+def _grads(policy, x, times, cond, index):
+    policy.trainable_module().zero_grad()
+    out = policy.predict(x, times, cond, index)
+    (out.square().mean()).backward()
+    return [p.grad.clone() for p in policy.trainable_parameters()]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    policies = []
+    for checkpointing in (False, True):
+        policy = treegrpo.load_policy(tiny_sd3(), gradient_checkpointing=checkpointing, **_options("sd3", 4.5))
+        policy.add_lora(rank=2, alpha=2.0)
+        _perturb_lora(policy)
+        policy.trainable_module().train()
+        policies.append(policy)
+    assert policies[1].trainable_module().is_gradient_checkpointing
+    x = torch.randn((2, *policies[0].latent_shape), generator=torch.Generator().manual_seed(8))
+    args = (x, policies[0].schedule(T).times[1:3], None, torch.tensor([0, 1]))
+    grads = []
+    for policy in policies:
+        cond = policy.encode_prompts([PROMPT, "a blue dog"])
+        grads.append(_grads(policy, args[0], args[1], cond, args[3]))
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().max() > 0 for g in grads[0])
+
+
+def test_bf16_mixed_precision_keeps_lora_and_outputs_in_float32():
+    policy = treegrpo.load_policy(tiny_flux(), mixed_precision="bf16", **_options("flux", 3.5))
+    policy.add_lora(rank=2, alpha=2.0)
+    assert policy.pipe.vae.dtype == torch.bfloat16 and policy.pipe.text_encoder_2.dtype == torch.bfloat16
+    frozen = [p for p in policy.trainable_module().parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
+    noise = torch.randn((2, *policy.latent_shape), generator=torch.Generator().manual_seed(9))
+    tree = rollout(policy, [PROMPT], TreeShape((1, 2, 1, 1), (False, True, False, False), (False, True, False, False)),
+                   root_latents=noise[:1], generator=torch.Generator().manual_seed(0))
+    images = policy.decode(tree.leaves)
+    assert tree.leaves.dtype == torch.float32 and images.dtype == torch.float32
+    assert tree.log_prob[2] is not None and torch.isfinite(tree.log_prob[2]).all()
+    assert images.shape == (2, 3, RESOLUTION, RESOLUTION) and 0 <= images.min() and images.max() <= 1
+    x = tree.leaves.detach()
+    grads = _grads(policy, x, policy.schedule(T).times[1:3], policy.encode_prompts([PROMPT]), torch.zeros(2, dtype=torch.long))
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().max() > 0 for g in grads)
