@@ -177,3 +177,69 @@ def test_bf16_mixed_precision_keeps_lora_and_outputs_in_float32():
     grads = _grads(policy, x, policy.schedule(T).times[1:3], policy.encode_prompts([PROMPT]), torch.zeros(2, dtype=torch.long))
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().max() > 0 for g in grads)
+
+
+# ---------------------------------------------------------------- loading, config, the trainer
+
+
+def test_a_saved_pipeline_folder_loads_with_its_family_inferred(tmp_path):
+    tiny_sd15().save_pretrained(tmp_path / "sd15")
+    policy = treegrpo.load_policy(str(tmp_path / "sd15"), resolution=RESOLUTION)
+    assert policy.family == "sd15" and policy.schedule(T).kind == "ddim"
+    assert treegrpo.load_policy("base").latent_shape  # the embedded shapes model is still one call away
+
+
+def test_bad_sources_give_one_clear_error(tmp_path, monkeypatch):
+    from treegrpo.policies import load_policy
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no model_index.json"):
+        load_policy(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="unknown model family 'sdxl'"):
+        load_policy(tiny_sd15(), family="sdxl")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError) as err:
+        load_policy("stabilityai/stable-diffusion-3.5-medium")
+    message = str(err.value)
+    assert "hf download stabilityai/stable-diffusion-3.5-medium" in message and "model.pretrained" in message
+
+
+def test_one_lora_training_iteration_through_the_trainer(tmp_path):
+    from safetensors.torch import load_file
+
+    from tiny_clip import save_tiny_clip
+    from treegrpo.config import load_config
+    from treegrpo.trainer import Trainer
+
+    tiny_sd3().save_pretrained(tmp_path / "sd3")
+    save_tiny_clip(tmp_path / "clip")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    config = load_config(None, [
+        "model.family=auto", f"model.pretrained={tmp_path / 'sd3'}", f"model.resolution={RESOLUTION}", f"model.num_steps={T}",
+        "model.guidance_scale=4.5", "model.lora_rank=2", "model.lora_alpha=2", "method.k=2", "method.window=2",
+        "reward.weights={clipscore: 1.0}", "reward.eval=[clipscore]", f"reward.options={{clipscore: {{model: {tmp_path / 'clip'}}}}}",
+        f"train.prompts={prompts}", f"eval.prompts={prompts}", "eval.num_seeds=1", "eval.grid_prompts=2",
+        "train.iterations=1", "train.prompts_per_iteration=2", "train.progress=false", "optim.lr=1e-2",
+        "optim.kl_coef=0.1", "optim.clip_range=0.2", "log.trackers=[]"])
+    trainer = Trainer(config, tmp_path / "run")
+    assert trainer.policy.family == "sd3" and set(trainer.train_prompts) == {"a red cat", "a blue dog"}
+    before = {n: p.detach().clone() for n, p in trainer.policy.trainable_module().named_parameters() if p.requires_grad}
+    summary = trainer.train()
+    assert summary["iterations"] == 1 and summary["model_calls"] > 0
+    after = dict(trainer.policy.trainable_module().named_parameters())
+    assert all("lora" in n for n in before) and any((after[n] - b).abs().max() > 0 for n, b in before.items())
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "iter_000001" / "trainable.safetensors"))
+    assert weights and all("lora" in n for n in weights)
+    # The run's LoRA drops back into a plain pipeline.
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "sd3")
+    pipe.load_lora_weights(tmp_path / "run" / "lora")
+    noise = torch.randn((1, *trainer.policy.latent_shape), generator=torch.Generator().manual_seed(1))
+    ours = rollout(trainer.policy, [PROMPT], _chain(False), root_latents=noise).leaves
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(PROMPT, latents=noise.clone(), height=RESOLUTION, width=RESOLUTION, num_inference_steps=T,
+                  guidance_scale=4.5, output_type="latent").images
+    assert (ours - theirs).abs().max().item() < 1e-5

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+MODEL_FAMILIES = ("shapes", "sd3", "flux", "sd15", "auto")
 METHODS = ("treegrpo", "flow_grpo", "dance_grpo", "mix_grpo", "branch_grpo")
 
 
@@ -25,14 +26,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    family: str = "shapes"  # model family; "shapes" is the embedded demo model
-    pretrained: str = "base"  # "base" (the shipped weights) or a path to saved weights
+    family: str = "shapes"  # shapes (the embedded demo model), sd3, flux, sd15, or auto (from the pipeline's class)
+    pretrained: str = "base"  # "base" (the shipped shapes weights), a local folder, or a Hugging Face model id (cached)
     num_steps: int = 10  # denoising steps T (NFE without CFG)
-    guidance_scale: float | None = None  # CFG scale; None = the model's default
+    guidance_scale: float | None = None  # CFG scale (FLUX: the distilled guidance embedding); None = the family's default
+    resolution: int | None = None  # image side in pixels (diffusers families); None = the model's default
+    negative_prompt: str = ""  # the unconditional prompt of CFG (diffusers families)
+    mixed_precision: str = "no"  # no, bf16 or fp16: dtype of the frozen weights; LoRA weights and step math stay fp32
+    gradient_checkpointing: bool = False  # recompute the denoiser's activations in backward (less memory, ~30% slower)
     device: str = "cpu"
     lora_rank: int = 0  # 0 = full fine-tuning of the trainable module; > 0 = LoRA adapters (peft)
     lora_alpha: float = 8.0
-    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+    lora_targets: list[str] | None = None  # module names for LoRA; None = the family's default (attention projections)
 
 
 @dataclass
@@ -91,6 +96,7 @@ class OptimConfig:
 class TrainConfig:
     iterations: int = 60
     prompts_per_iteration: int = 16
+    prompts: str = "all"  # training prompts: "all" (the 54 shapes prompts) or a prompt file (.txt, .jsonl, .csv)
     seed: int = 0
     max_batch: int = 512  # rows per model call (rollout and training chunks)
     train_seeds: str = "random"  # training noise is fresh each iteration; eval uses held-out seeds
@@ -253,6 +259,12 @@ def validate(config: Config) -> None:
         (m.softmax_temperature > 0, f"method.softmax_temperature must be > 0, got {m.softmax_temperature}"),
         (bool(config.reward.weights), "reward.weights must name at least one reward"),
         (config.model.lora_rank >= 0, f"model.lora_rank must be >= 0, got {config.model.lora_rank}"),
+        (config.model.family in MODEL_FAMILIES, f"model.family must be one of {', '.join(MODEL_FAMILIES)}, got {config.model.family!r}"),
+        (config.model.mixed_precision in ("no", "bf16", "fp16"), f"model.mixed_precision must be no, bf16 or fp16, got {config.model.mixed_precision!r}"),
+        (config.model.resolution is None or config.model.resolution >= 8, f"model.resolution must be >= 8 pixels (or null), got {config.model.resolution}"),
+        (config.model.family == "shapes" or config.model.pretrained not in ("base", ""),
+         f"model.family={config.model.family!r} needs model.pretrained: a Hugging Face model id or a local pipeline folder"),
+        (config.model.lora_targets is None or len(config.model.lora_targets) > 0, "model.lora_targets must name modules, or be null for the family's default"),
         (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
         (o.clip_range > 0, f"optim.clip_range must be > 0, got {o.clip_range}"),
         (o.adv_clip > 0, f"optim.adv_clip must be > 0, got {o.adv_clip}"),

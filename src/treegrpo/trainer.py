@@ -53,7 +53,7 @@ class Trainer:
         self.num_steps = config.model.num_steps
         self.schedule = self.policy.schedule(self.num_steps)
         self.method = Method(config.method, self.num_steps)
-        self.train_prompts = train_prompts or load_prompts("all")
+        self.train_prompts = train_prompts or load_prompts(config.train.prompts)
         self.eval_prompts = load_prompts(config.eval.prompts)
         self.eval_seeds = [config.eval.seed_offset + i for i in range(config.eval.num_seeds)]
         names = set(config.reward.weights) | set(config.reward.eval)
@@ -280,6 +280,10 @@ class Trainer:
                  "lr_schedule": self.lr_schedule.state_dict(), "base_eval": self.base_eval}
         save_checkpoint(self.out, self.iteration, trainable_state_dict(self.policy), self.optimizer.state_dict(),
                         state, keep=self.config.train.keep_checkpoints)
+        if self.config.model.lora_rank > 0 and hasattr(self.policy, "save_lora_weights"):
+            # The LoRA result in diffusers' format (pipe.load_lora_weights(RUN_DIR/lora)); written
+            # atomically by the policy, which holds the unwrapped module.
+            self.policy.save_lora_weights(self.out / "lora")
 
     def _maybe_resume(self) -> bool:
         ckpt = latest_checkpoint(self.out)
