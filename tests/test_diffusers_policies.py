@@ -205,41 +205,45 @@ def test_bad_sources_give_one_clear_error(tmp_path, monkeypatch):
     assert "hf download stabilityai/stable-diffusion-3.5-medium" in message and "model.pretrained" in message
 
 
-def test_one_lora_training_iteration_through_the_trainer(tmp_path):
+@pytest.mark.parametrize("family,build,guidance", [("sd3", tiny_sd3, 4.5), ("flux", tiny_flux, 3.5), ("sd15", tiny_sd15, 7.5)])
+def test_one_lora_training_iteration_through_the_trainer(tmp_path, family, build, guidance):
     from safetensors.torch import load_file
 
     from tiny_clip import save_tiny_clip
     from treegrpo.config import load_config
     from treegrpo.trainer import Trainer
 
-    tiny_sd3().save_pretrained(tmp_path / "sd3")
+    build().save_pretrained(tmp_path / "pipe")
     save_tiny_clip(tmp_path / "clip")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cat\na blue dog\n")
     config = load_config(None, [
-        "model.family=auto", f"model.pretrained={tmp_path / 'sd3'}", f"model.resolution={RESOLUTION}", f"model.num_steps={T}",
-        "model.guidance_scale=4.5", "model.lora_rank=2", "model.lora_alpha=2", "method.k=2", "method.window=2",
+        "model.family=auto", f"model.pretrained={tmp_path / 'pipe'}", f"model.resolution={RESOLUTION}", f"model.num_steps={T}",
+        f"model.guidance_scale={guidance}", "model.lora_rank=2", "model.lora_alpha=2", "method.k=2", "method.window=2",
         "reward.weights={clipscore: 1.0}", "reward.eval=[clipscore]", f"reward.options={{clipscore: {{model: {tmp_path / 'clip'}}}}}",
         f"train.prompts={prompts}", f"eval.prompts={prompts}", "eval.num_seeds=1", "eval.grid_prompts=2",
         "train.iterations=1", "train.prompts_per_iteration=2", "train.progress=false", "optim.lr=1e-2",
         "optim.kl_coef=0.1", "optim.clip_range=0.2", "log.trackers=[]"])
     trainer = Trainer(config, tmp_path / "run")
-    assert trainer.policy.family == "sd3" and set(trainer.train_prompts) == {"a red cat", "a blue dog"}
+    assert trainer.policy.family == family and set(trainer.train_prompts) == {"a red cat", "a blue dog"}
     before = {n: p.detach().clone() for n, p in trainer.policy.trainable_module().named_parameters() if p.requires_grad}
     summary = trainer.train()
     assert summary["iterations"] == 1 and summary["model_calls"] > 0
+    import json
+
+    record = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["train/first_ratio_dev"] < 1e-5 and record["train/grad_norm"] > 0  # on-policy start, a real step
     after = dict(trainer.policy.trainable_module().named_parameters())
     assert all("lora" in n for n in before) and any((after[n] - b).abs().max() > 0 for n, b in before.items())
     weights = load_file(str(tmp_path / "run" / "checkpoints" / "iter_000001" / "trainable.safetensors"))
     assert weights and all("lora" in n for n in weights)
     # The run's LoRA drops back into a plain pipeline.
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "sd3")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
     pipe.load_lora_weights(tmp_path / "run" / "lora")
     noise = torch.randn((1, *trainer.policy.latent_shape), generator=torch.Generator().manual_seed(1))
     ours = rollout(trainer.policy, [PROMPT], _chain(False), root_latents=noise).leaves
-    pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(PROMPT, latents=noise.clone(), height=RESOLUTION, width=RESOLUTION, num_inference_steps=T,
-                  guidance_scale=4.5, output_type="latent").images
+    extra = {"max_sequence_length": 512 if family == "flux" else 256} if family != "sd15" else {}  # encode_prompt defaults
+    _, theirs = _pipe_call(pipe, family, noise.clone(), guidance, **extra)
     assert (ours - theirs).abs().max().item() < 1e-5

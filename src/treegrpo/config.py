@@ -58,6 +58,7 @@ class MethodConfig:
     # sampler
     sde_kind: str = "flow_grpo"  # flow_grpo, dance (constant coefficient) or cps
     noise_level: float = 0.7  # a of flow_grpo / cps, or DanceGRPO's eta
+    ddim_eta: float = 1.0  # stochasticity of DDIM steps inside the SDE window (epsilon-prediction models: sd15)
     # advantages
     backup: str = "mean"  # mean or softmax over sibling edges
     softmax_temperature: float = 1.0  # softmax backup: temperature on per-element-mean log-probs
@@ -255,6 +256,7 @@ def validate(config: Config) -> None:
         (0 < m.train_fraction <= 1, f"method.train_fraction must be in (0, 1], got {m.train_fraction}"),
         (m.sde_kind in ("flow_grpo", "dance", "cps"), f"method.sde_kind must be flow_grpo, dance or cps, got {m.sde_kind!r}"),
         (m.noise_level >= 0, f"method.noise_level must be >= 0, got {m.noise_level}"),
+        (m.ddim_eta > 0, f"method.ddim_eta must be > 0 (SDE steps need noise), got {m.ddim_eta}"),
         (m.backup in ("mean", "softmax"), f"method.backup must be mean or softmax, got {m.backup!r}"),
         (m.softmax_temperature > 0, f"method.softmax_temperature must be > 0, got {m.softmax_temperature}"),
         (bool(config.reward.weights), "reward.weights must name at least one reward"),
