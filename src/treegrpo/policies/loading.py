@@ -107,7 +107,10 @@ def load_policy(source: Any = "base", family: str | None = None, **options: Any)
         return ShapesPolicy.from_pretrained(path, guidance_scale=options.get("guidance_scale")).to(device)
     pipe = source
     if isinstance(source, (str, Path)):
-        pipe = load_pipeline(source, family)
+        from treegrpo.policies.diffusers_common import resolve_dtype
+
+        # Load straight into the compute dtype: an fp32 copy of SD3.5's T5-XXL alone is ~19 GB.
+        pipe = load_pipeline(source, family, dtype=resolve_dtype(options.get("mixed_precision", "no")))
     if family in (None, "auto"):
         family = family_of(pipe)
     from treegrpo.policies.flux import FluxPolicy

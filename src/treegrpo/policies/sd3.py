@@ -47,7 +47,8 @@ class SD3Policy(DiffusersPolicy):
         return PromptEmbeds(cond, uncond)
 
     def _denoise(self, x, t, embeds, shared):
-        return self.denoiser(hidden_states=x, timestep=t.to(x.dtype), return_dict=False, **embeds)[0]
+        # float32 timesteps, as the pipeline passes them (bf16 would round 960.1 to 960)
+        return self.denoiser(hidden_states=x, timestep=t, return_dict=False, **embeds)[0]
 
     def _to_vae(self, x: torch.Tensor) -> torch.Tensor:
         config = self.pipe.vae.config
