@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-MODEL_FAMILIES = ("shapes", "sd3", "flux", "sd15", "auto")
+MODEL_FAMILIES = ("shapes", "sd3", "flux", "sd15", "auto", "analytic")  # analytic: the closed-form test policy
 METHODS = ("treegrpo", "flow_grpo", "dance_grpo", "mix_grpo", "branch_grpo")
 
 
@@ -264,7 +264,7 @@ def validate(config: Config) -> None:
         (config.model.family in MODEL_FAMILIES, f"model.family must be one of {', '.join(MODEL_FAMILIES)}, got {config.model.family!r}"),
         (config.model.mixed_precision in ("no", "bf16", "fp16"), f"model.mixed_precision must be no, bf16 or fp16, got {config.model.mixed_precision!r}"),
         (config.model.resolution is None or config.model.resolution >= 8, f"model.resolution must be >= 8 pixels (or null), got {config.model.resolution}"),
-        (config.model.family == "shapes" or config.model.pretrained not in ("base", ""),
+        (config.model.family in ("shapes", "auto", "analytic") or config.model.pretrained not in ("base", ""),
          f"model.family={config.model.family!r} needs model.pretrained: a Hugging Face model id or a local pipeline folder"),
         (config.model.lora_targets is None or len(config.model.lora_targets) > 0, "model.lora_targets must name modules, or be null for the family's default"),
         (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),

@@ -20,7 +20,7 @@ PIPELINE_FAMILIES = {
     "FluxPipeline": "flux",
     "StableDiffusionPipeline": "sd15",
 }
-FAMILIES = ("shapes", "sd3", "flux", "sd15")
+FAMILIES = ("shapes", "sd3", "flux", "sd15", "analytic")
 _PIPELINES = {family: name for name, family in PIPELINE_FAMILIES.items()}
 
 
@@ -29,7 +29,7 @@ def family_of(pipe_or_class_name: Any) -> str:
     name = pipe_or_class_name if isinstance(pipe_or_class_name, str) else type(pipe_or_class_name).__name__
     if name not in PIPELINE_FAMILIES:
         raise ValueError(f"unsupported pipeline {name!r}: treegrpo supports {', '.join(PIPELINE_FAMILIES)} "
-                         f"(set model.family to one of {', '.join(FAMILIES[1:])} to force a family)")
+                         f"(set model.family to one of sd3, flux, sd15 to force a family)")
     return PIPELINE_FAMILIES[name]
 
 
@@ -89,8 +89,12 @@ def load_policy(source: Any = "base", family: str | None = None, **options: Any)
     """
     if family not in (None, "auto", *FAMILIES):
         raise ValueError(f"unknown model family {family!r}; available: {', '.join(FAMILIES)} or auto")
+    if family == "analytic":  # the closed-form Gaussian policy of engine tests and benchmarks
+        from treegrpo.policies.analytic import GaussianPolicy
+
+        return GaussianPolicy(**{k: v for k, v in options.items() if k in ("data_std", "latent_shape")})
     if isinstance(source, str) and source in ("base", "shapes", ""):
-        family = family or "shapes"
+        family = "shapes" if family in (None, "auto") else family
         if family != "shapes":
             raise ValueError(f"model.pretrained={source!r} is the embedded shapes model; family {family!r} needs a "
                              "model id or a pipeline folder")
