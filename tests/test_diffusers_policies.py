@@ -201,6 +201,8 @@ def test_bad_sources_give_one_clear_error(tmp_path, monkeypatch):
         load_policy(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="unknown model family 'sdxl'"):
         load_policy(tiny_sd15(), family="sdxl")
+    with pytest.raises(ValueError, match="true_cfg_scale is FLUX's"):
+        load_policy(tiny_sd15(), true_cfg_scale=3.0)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError) as err:
