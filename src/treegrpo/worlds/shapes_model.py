@@ -164,6 +164,7 @@ class ShapesPolicy:
         guidance_scale / shift: override the values stored in the checkpoint's policy config.
         """
         from diffusers import UNet2DConditionModel
+        from diffusers.utils import logging as df_logging
         from transformers import CLIPTextModel, PreTrainedTokenizerFast
         from transformers.utils import logging as hf_logging
 
@@ -177,7 +178,12 @@ class ShapesPolicy:
         try:
             options = json.loads(config_file.read_text())
             # use_safetensors: never fall back to pickled .bin weights (loading those can run code)
-            unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True, use_safetensors=True)
+            level = df_logging.get_verbosity()
+            df_logging.set_verbosity(df_logging.CRITICAL)  # its failure is in our one-line error below, not logged too
+            try:
+                unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True, use_safetensors=True)
+            finally:
+                df_logging.set_verbosity(level)
             bars = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()  # a 36-tensor model needs no "Loading weights" bar
             try:
