@@ -48,12 +48,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def _sha256_and_fsync(path: Path) -> str:
+def _sha256(path: Path, fsync: bool = False) -> str:
+    """sha256 of a file, read in blocks (checkpoints of full models are gigabytes)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-        os.fsync(f.fileno())  # the data is on disk before the manifest says it is complete
+        if fsync:
+            os.fsync(f.fileno())  # the data is on disk before the manifest says it is complete
     return digest.hexdigest()
 
 
@@ -91,7 +93,7 @@ def save_checkpoint(run_dir: str | Path, iteration: int, weights: dict[str, torc
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER)
         (tmp / STATE).write_text(json.dumps(state))
-        files = {p.name: {"sha256": _sha256_and_fsync(p), "size": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"sha256": _sha256(p, fsync=True), "size": p.stat().st_size} for p in sorted(tmp.iterdir())}
         with (tmp / MANIFEST).open("w") as f:
             json.dump({"iteration": iteration, "files": files}, f, indent=1)
             f.flush()
@@ -132,8 +134,7 @@ def verify_checkpoint(checkpoint: str | Path) -> None:
         if path.stat().st_size != entry.get("size"):
             raise CheckpointError(f"checkpoint {checkpoint}: {name} has {path.stat().st_size} bytes, the manifest "
                                   f"says {entry.get('size')} (truncated or modified)")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if digest != entry.get("sha256"):
+        if _sha256(path) != entry.get("sha256"):
             raise CheckpointError(f"checkpoint {checkpoint}: {name} does not match its sha256 in the manifest (modified)")
 
 
