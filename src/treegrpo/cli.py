@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     from treegrpo.stopping import Aborted
 
     # Exit codes: 2 = bad input (config, files, checkpoints: fix and rerun), 1 = the run failed
-    # (a reward kept raising, the final checkpoint could not be written), 130 / 143 = stopped by a signal.
+    # (a reward kept raising, a write failed), 130 / 143 = stopped by a signal.
     try:
         return args.func(args)
     except (RewardError, CheckpointWriteError) as err:
@@ -322,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"treegrpo: error: {message}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. disk full while writing metrics or samples; the last checkpoint stays valid
+        if os.environ.get("TREEGRPO_DEBUG"):
+            raise
+        print(f"treegrpo: error: {err}", file=sys.stderr)
+        return 1
     except Aborted as err:
         print(f"treegrpo: {err}; the iteration in progress was not saved", file=sys.stderr)
         return err.exit_code

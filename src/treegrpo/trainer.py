@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from treegrpo.advantages import tree_advantages
-from treegrpo.checkpoint import CheckpointWriteError, load_state, load_weights, resume_checkpoint, save_checkpoint
+from treegrpo.checkpoint import WEIGHTS, CheckpointWriteError, load_state, load_weights, resume_checkpoint, save_checkpoint
 from treegrpo.config import Config, ConfigError, check_resume_config, save_config
 from treegrpo.evaluation import evaluate, image_grid, save_image, score_images, side_by_side, decode_chunked
 from treegrpo.loss import kl_to_reference, policy_loss
@@ -330,7 +330,7 @@ class Trainer:
             return False
         check_resume_config(self.out / "config.yaml", self.config)
         state, optimizer_state = load_state(ckpt)
-        load_trainable_state_dict(self.policy, load_weights(ckpt))
+        load_trainable_state_dict(self.policy, load_weights(ckpt / WEIGHTS))  # the file: already verified above
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
         self.lr_schedule.load_state_dict(state["lr_schedule"])
