@@ -29,7 +29,7 @@ def _resolve_policy(spec: str, guidance_scale: float | None = None):
     from treegrpo.policies import build_policy, load_policy, load_trainable_state_dict
 
     if spec == "base":
-        return load_policy("shapes", "base", guidance_scale), {"family": "shapes", "num_steps": 10}
+        return load_policy("base", "shapes", guidance_scale=guidance_scale), {"family": "shapes", "num_steps": 10}
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {spec!r} does not exist (use 'base', a run directory or a checkpoint path)")
@@ -46,8 +46,8 @@ def _resolve_policy(spec: str, guidance_scale: float | None = None):
         load_trainable_state_dict(policy, load_weights(ckpt))
         return policy, {"family": config.model.family, "num_steps": config.model.num_steps, "checkpoint": str(ckpt)}
     if (path / "policy_config.json").is_file():  # a saved shapes model (e.g. from `pretrain shapes`)
-        return load_policy("shapes", str(path), guidance_scale), {"family": "shapes", "num_steps": 10}
-    policy = load_policy("shapes", "base", guidance_scale)  # a bare checkpoint of the shapes model
+        return load_policy(str(path), "shapes", guidance_scale=guidance_scale), {"family": "shapes", "num_steps": 10}
+    policy = load_policy("base", "shapes", guidance_scale=guidance_scale)  # a bare checkpoint of the shapes model
     load_trainable_state_dict(policy, load_weights(path))
     return policy, {"family": "shapes", "num_steps": 10, "checkpoint": str(path)}
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+MODEL_FAMILIES = ("shapes", "sd3", "flux", "sd15", "auto", "analytic")  # analytic: the closed-form test policy
 METHODS = ("treegrpo", "flow_grpo", "dance_grpo", "mix_grpo", "branch_grpo")
 
 
@@ -26,14 +27,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    family: str = "shapes"  # model family; "shapes" is the embedded demo model
-    pretrained: str = "base"  # "base" (the shipped weights) or a path to saved weights
+    family: str = "shapes"  # shapes (the embedded demo model), sd3, flux, sd15, or auto (from the pipeline's class)
+    pretrained: str = "base"  # "base" (the shipped shapes weights), a local folder, or a Hugging Face model id (cached)
     num_steps: int = 10  # denoising steps T (NFE without CFG)
-    guidance_scale: float | None = None  # CFG scale; None = the model's default
+    guidance_scale: float | None = None  # CFG scale (FLUX: the distilled guidance embedding); None = the family's default
+    resolution: int | None = None  # image side in pixels (diffusers families); None = the model's default
+    negative_prompt: str = ""  # the unconditional prompt of CFG (diffusers families)
+    mixed_precision: str = "no"  # no, bf16 or fp16: dtype of the frozen weights; LoRA weights and step math stay fp32
+    gradient_checkpointing: bool = False  # recompute the denoiser's activations in backward (less memory, ~30% slower)
     device: str = "cpu"
     lora_rank: int = 0  # 0 = full fine-tuning of the trainable module; > 0 = LoRA adapters (peft)
     lora_alpha: float = 8.0
-    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+    lora_targets: list[str] | None = None  # module names for LoRA; None = the family's default (attention projections)
 
 
 @dataclass
@@ -54,6 +59,7 @@ class MethodConfig:
     # sampler
     sde_kind: str = "flow_grpo"  # flow_grpo, dance (constant coefficient) or cps
     noise_level: float = 0.7  # a of flow_grpo / cps, or DanceGRPO's eta
+    ddim_eta: float = 1.0  # stochasticity of DDIM steps inside the SDE window (epsilon-prediction models: sd15)
     # advantages
     backup: str = "mean"  # mean or softmax over sibling edges
     softmax_temperature: float = 1.0  # softmax backup: temperature on per-element-mean log-probs
@@ -263,6 +269,7 @@ def validate(config: Config) -> None:
         (0 < m.train_fraction <= 1, f"method.train_fraction must be in (0, 1], got {m.train_fraction}"),
         (m.sde_kind in ("flow_grpo", "dance", "cps"), f"method.sde_kind must be flow_grpo, dance or cps, got {m.sde_kind!r}"),
         (m.noise_level > 0, f"method.noise_level must be > 0 (0 makes every step deterministic: nothing to train), got {m.noise_level}"),
+        (m.ddim_eta > 0, f"method.ddim_eta must be > 0 (SDE steps need noise), got {m.ddim_eta}"),
         (m.backup in ("mean", "softmax"), f"method.backup must be mean or softmax, got {m.backup!r}"),
         (m.softmax_temperature > 0, f"method.softmax_temperature must be > 0, got {m.softmax_temperature}"),
         (bool(config.reward.weights), "reward.weights must name at least one reward"),
@@ -273,6 +280,12 @@ def validate(config: Config) -> None:
         (config.model.lora_alpha > 0, f"model.lora_alpha must be > 0, got {config.model.lora_alpha}"),
         (config.model.guidance_scale is None or config.model.guidance_scale >= 0,
          f"model.guidance_scale must be >= 0, got {config.model.guidance_scale}"),
+        (config.model.family in MODEL_FAMILIES, f"model.family must be one of {', '.join(MODEL_FAMILIES)}, got {config.model.family!r}"),
+        (config.model.mixed_precision in ("no", "bf16", "fp16"), f"model.mixed_precision must be no, bf16 or fp16, got {config.model.mixed_precision!r}"),
+        (config.model.resolution is None or config.model.resolution >= 8, f"model.resolution must be >= 8 pixels (or null), got {config.model.resolution}"),
+        (config.model.family in ("shapes", "auto", "analytic") or config.model.pretrained not in ("base", ""),
+         f"model.family={config.model.family!r} needs model.pretrained: a Hugging Face model id or a local pipeline folder"),
+        (config.model.lora_targets is None or len(config.model.lora_targets) > 0, "model.lora_targets must name modules, or be null for the family's default"),
         (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
         (o.clip_range > 0, f"optim.clip_range must be > 0, got {o.clip_range}"),
         (o.adv_clip > 0, f"optim.adv_clip must be > 0, got {o.adv_clip}"),

@@ -37,7 +37,8 @@ class Method:
     def __init__(self, config: MethodConfig, num_steps: int) -> None:
         self.config = config
         self.num_steps = num_steps
-        self.sampler = SamplerConfig(sde_kind=config.sde_kind, noise_level=config.noise_level)  # type: ignore[arg-type]
+        self.sampler = SamplerConfig(sde_kind=config.sde_kind, noise_level=config.noise_level,
+                                     ddim_eta=config.ddim_eta)  # type: ignore[arg-type]
         self.advantage_rule = AdvantageRule(config.backup, config.softmax_temperature, config.per_depth,
                                             config.unbiased_std, config.global_std)
         self.window: WindowSchedule | None = None

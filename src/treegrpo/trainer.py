@@ -315,7 +315,11 @@ class Trainer:
         try:
             save_checkpoint(self.out, self.iteration, trainable_state_dict(self.policy), self.optimizer.state_dict(),
                             state, keep=self.config.train.keep_checkpoints)
-        except CheckpointWriteError as err:
+            if self.config.model.lora_rank > 0 and hasattr(self.policy, "save_lora_weights"):
+                # The LoRA result in diffusers' format (pipe.load_lora_weights(RUN_DIR/lora)); written
+                # atomically by the policy, which holds the unwrapped module.
+                self.policy.save_lora_weights(self.out / "lora")
+        except (CheckpointWriteError, OSError) as err:
             self.checkpoint_failures += 1
             if final:
                 raise CheckpointWriteError(f"the final checkpoint could not be written: {err}. Free space and rerun "

@@ -3,30 +3,30 @@
 from __future__ import annotations
 
 from treegrpo.policies.base import Policy, Schedule, load_trainable_state_dict, trainable_state_dict
+from treegrpo.policies.loading import FAMILIES, family_of, load_pipeline, load_policy
 
-FAMILIES = ("shapes",)
-
-
-def load_policy(family: str = "shapes", pretrained: str = "base", guidance_scale: float | None = None,
-                device: str = "cpu") -> Policy:
-    """Build the policy of a model family from "base" (shipped weights) or a local path."""
-    if family == "shapes":
-        from treegrpo.worlds.shapes_model import ShapesPolicy
-
-        path = None if pretrained in ("base", "", None) else pretrained
-        return ShapesPolicy.from_pretrained(path, guidance_scale=guidance_scale).to(device)
-    raise ValueError(f"unknown model family {family!r}; available: {', '.join(FAMILIES)}")
+# LoRA targets of the embedded shapes model (attention projections and the ResNet convolutions);
+# the diffusers families carry their own defaults (`default_lora_targets`).
+SHAPES_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 
 
 def build_policy(model_config) -> Policy:
     """The policy a `ModelConfig` describes: `load_policy`, plus LoRA adapters when `lora_rank > 0`."""
-    policy = load_policy(model_config.family, model_config.pretrained, model_config.guidance_scale, model_config.device)
-    if model_config.lora_rank > 0:
-        from treegrpo.policies.lora import add_lora
+    c = model_config
+    options = {"guidance_scale": c.guidance_scale, "device": c.device}
+    if c.family != "shapes":
+        options.update(resolution=c.resolution, negative_prompt=c.negative_prompt, mixed_precision=c.mixed_precision,
+                       gradient_checkpointing=c.gradient_checkpointing)
+    policy = load_policy(c.pretrained, c.family, **options)
+    if c.lora_rank > 0:
+        if hasattr(policy, "add_lora"):
+            policy.add_lora(c.lora_rank, c.lora_alpha, c.lora_targets)
+        else:
+            from treegrpo.policies.lora import add_lora
 
-        add_lora(policy.trainable_module(), model_config.lora_rank, model_config.lora_alpha, model_config.lora_targets)
+            add_lora(policy.trainable_module(), c.lora_rank, c.lora_alpha, c.lora_targets or SHAPES_LORA_TARGETS)
     return policy
 
 
-__all__ = ["FAMILIES", "Policy", "Schedule", "build_policy", "load_policy", "load_trainable_state_dict",
-           "trainable_state_dict"]
+__all__ = ["FAMILIES", "Policy", "SHAPES_LORA_TARGETS", "Schedule", "build_policy", "family_of", "load_pipeline",
+           "load_policy", "load_trainable_state_dict", "trainable_state_dict"]
