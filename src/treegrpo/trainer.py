@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from treegrpo.advantages import tree_advantages
-from treegrpo.checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint
-from treegrpo.config import Config, ConfigError, save_config
+from treegrpo.checkpoint import WEIGHTS, CheckpointWriteError, load_state, load_weights, resume_checkpoint, save_checkpoint
+from treegrpo.config import Config, ConfigError, check_resume_config, save_config
 from treegrpo.evaluation import evaluate, image_grid, save_image, score_images, side_by_side, decode_chunked
 from treegrpo.loss import kl_to_reference, policy_loss
 from treegrpo.methods import Method
@@ -34,9 +35,11 @@ from treegrpo.policies import Policy, build_policy, load_trainable_state_dict, t
 from treegrpo.policies.lora import BaseModelView
 from treegrpo.prompts import load_prompts
 from treegrpo.rewards import build_rewards
+from treegrpo.rewards.retry import with_retries
 from treegrpo.rollout import rollout, transition
 from treegrpo.steps import gaussian_log_prob
-from treegrpo.tracking import RunLogger
+from treegrpo.stopping import StopSignals, TrainingStopped
+from treegrpo.tracking import RunLogger, truncate_metrics
 from treegrpo.tree import EdgeBatch, trained_edges
 from treegrpo.tree_record import TreeRecord, record_tree
 
@@ -49,15 +52,18 @@ class Trainer:
         self.config = config
         self.out = Path(output_dir)
         torch.manual_seed(config.train.seed)
+        # Prompt files first: a missing or malformed one fails before the model is loaded.
+        self.train_prompts = train_prompts or load_prompts(config.train.prompts)
+        self.eval_prompts = load_prompts(config.eval.prompts)
         self.policy = policy or build_policy(config.model)
         self.num_steps = config.model.num_steps
         self.schedule = self.policy.schedule(self.num_steps)
         self.method = Method(config.method, self.num_steps)
-        self.train_prompts = train_prompts or load_prompts(config.train.prompts)
-        self.eval_prompts = load_prompts(config.eval.prompts)
         self.eval_seeds = [config.eval.seed_offset + i for i in range(config.eval.num_seeds)]
         names = set(config.reward.weights) | set(config.reward.eval)
-        self.rewards = build_rewards(names, config.reward.options)
+        # A reward that raises (e.g. a remote scorer timing out) is retried before the run fails.
+        self.rewards = with_retries(build_rewards(names, config.reward.options), config.reward.retries,
+                                    config.reward.retry_delay)
         self.params = [p for p in self.policy.trainable_parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("the policy has no trainable parameters")
@@ -83,9 +89,30 @@ class Trainer:
         self.base_eval: dict[str, float] | None = None
         self.grid_rows = self._grid_rows()
         self.tree_record: TreeRecord | None = None  # the last iteration's tree of its first prompt, for the report
+        self.checkpoint_failures = 0  # checkpoints that could not be written (disk full...); retried at the next one
+        self.last_checkpoint: int | None = None  # iteration of the newest checkpoint on disk
+        self.signals = StopSignals(lambda: f"finishing iteration {self.iteration + 1}, then checkpointing")
+
+    def _stop_requested(self) -> bool:
+        """Whether a SIGINT / SIGTERM asked this run to stop (checked between iterations)."""
+        return self.signals.requested
+
+    def _stop(self) -> None:
+        """Checkpoint the finished iterations and raise TrainingStopped (exit code and message in it)."""
+        assert self.signals.signum is not None
+        if self.last_checkpoint != self.iteration:
+            self._checkpoint(final=True)
+        self.logger.finish()
+        raise TrainingStopped(self.signals.signum, self.iteration, str(self.out))
 
     # ------------------------------------------------------------------ run
     def train(self) -> dict[str, Any]:
+        """Run (or resume) to the end; a first SIGINT / SIGTERM stops after the current iteration
+        with a checkpoint (raises `TrainingStopped`), a second aborts (raises `Aborted`)."""
+        with self.signals:
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         c = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = self._maybe_resume()
@@ -103,6 +130,9 @@ class Trainer:
                    dynamic_ncols=True)
         last_eval = None
         while self.iteration < c.train.iterations and not self._budget_spent():
+            if self._stop_requested():
+                bar.close()
+                self._stop()
             start = time.perf_counter()
             record = self.step()
             self.elapsed += time.perf_counter() - start
@@ -116,14 +146,15 @@ class Trainer:
             if self.tree_record is not None and (final or (c.log.tree_every and self.iteration % c.log.tree_every == 0)):
                 self.logger.save_tree(self.tree_record)
             if final or (c.train.checkpoint_every and self.iteration % c.train.checkpoint_every == 0):
-                self._checkpoint()
+                self._checkpoint(final=final)
             bar.update(1)
             bar.set_postfix(reward=f"{record.get('train/reward_mean', float('nan')):.3f}")
         bar.close()
         if last_eval is None:
             last_eval = self._evaluate(tag=f"iter_{self.iteration:06d}")
         summary = {"iterations": self.iteration, "wall_seconds": round(self.elapsed, 3),
-                   "model_calls": self.total_calls, "base": self.base_eval, "final": last_eval}
+                   "model_calls": self.total_calls, "checkpoint_failures": self.checkpoint_failures,
+                   "base": self.base_eval, "final": last_eval}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.logger.finish()
         return summary
@@ -274,23 +305,36 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         self.logger.log(record)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, final: bool = False) -> None:
+        """Write a checkpoint. A failed write (disk full...) leaves the previous checkpoint valid: the
+        run warns and tries again at the next checkpoint, but a failed final checkpoint is an error."""
         state = {"iteration": self.iteration, "wall_seconds": self.elapsed, "model_calls": self.total_calls,
                  "generator": self.generator.get_state().tolist(), "torch_rng": torch.get_rng_state().tolist(),
-                 "lr_schedule": self.lr_schedule.state_dict(), "base_eval": self.base_eval}
-        save_checkpoint(self.out, self.iteration, trainable_state_dict(self.policy), self.optimizer.state_dict(),
-                        state, keep=self.config.train.keep_checkpoints)
-        if self.config.model.lora_rank > 0 and hasattr(self.policy, "save_lora_weights"):
-            # The LoRA result in diffusers' format (pipe.load_lora_weights(RUN_DIR/lora)); written
-            # atomically by the policy, which holds the unwrapped module.
-            self.policy.save_lora_weights(self.out / "lora")
+                 "lr_schedule": self.lr_schedule.state_dict(), "base_eval": self.base_eval,
+                 "checkpoint_failures": self.checkpoint_failures}
+        try:
+            save_checkpoint(self.out, self.iteration, trainable_state_dict(self.policy), self.optimizer.state_dict(),
+                            state, keep=self.config.train.keep_checkpoints)
+            if self.config.model.lora_rank > 0 and hasattr(self.policy, "save_lora_weights"):
+                # The LoRA result in diffusers' format (pipe.load_lora_weights(RUN_DIR/lora)); written
+                # atomically by the policy, which holds the unwrapped module.
+                self.policy.save_lora_weights(self.out / "lora")
+        except (CheckpointWriteError, OSError) as err:
+            self.checkpoint_failures += 1
+            if final:
+                raise CheckpointWriteError(f"the final checkpoint could not be written: {err}. Free space and rerun "
+                                           f"the same command to continue from the last valid checkpoint") from err
+            print(f"treegrpo: warning: {err}; training goes on and retries at the next checkpoint", file=sys.stderr)
+            return
+        self.last_checkpoint = self.iteration
 
     def _maybe_resume(self) -> bool:
-        ckpt = latest_checkpoint(self.out)
+        ckpt = resume_checkpoint(self.out)  # verified; a damaged newest checkpoint raises CheckpointError
         if ckpt is None:
             return False
+        check_resume_config(self.out / "config.yaml", self.config)
         state, optimizer_state = load_state(ckpt)
-        load_trainable_state_dict(self.policy, load_weights(ckpt))
+        load_trainable_state_dict(self.policy, load_weights(ckpt / WEIGHTS))  # the file: already verified above
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
         self.lr_schedule.load_state_dict(state["lr_schedule"])
@@ -298,11 +342,10 @@ class Trainer:
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         self.iteration, self.elapsed, self.total_calls = state["iteration"], state["wall_seconds"], state["model_calls"]
         self.base_eval = state.get("base_eval")
-        # Drop metrics written after the checkpoint, so the log matches an uninterrupted run.
-        metrics = self.out / "metrics.jsonl"
-        if metrics.is_file():
-            kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] <= self.iteration]
-            metrics.write_text("".join(line + "\n" for line in kept))
+        self.checkpoint_failures = state.get("checkpoint_failures", 0)
+        self.last_checkpoint = self.iteration
+        # Drop metrics written after the checkpoint (and a line cut short by a kill), so the log
+        # matches an uninterrupted run.
+        truncate_metrics(self.out / "metrics.jsonl", self.iteration)
         print(f"resuming {self.out} from {ckpt.name} (iteration {self.iteration})")
         return True
