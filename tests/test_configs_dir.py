@@ -33,6 +33,7 @@ def test_the_sd35m_config_is_the_papers_setting():
     ("model.mixed_precision=fp8", "model.mixed_precision must be no, bf16 or fp16"),
     ("model.resolution=4", "model.resolution must be >= 8"),
     ("method.ddim_eta=0", "method.ddim_eta must be > 0"),
+    ("model.true_cfg_scale=2", "model.true_cfg_scale is FLUX's true CFG"),
 ])
 def test_bad_model_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -33,6 +33,7 @@ class ModelConfig:
     guidance_scale: float | None = None  # CFG scale (FLUX: the distilled guidance embedding); None = the family's default
     resolution: int | None = None  # image side in pixels (diffusers families); None = the model's default
     negative_prompt: str = ""  # the unconditional prompt of CFG (diffusers families)
+    true_cfg_scale: float = 1.0  # FLUX only: true CFG with negative_prompt when > 1 (guidance_scale is the distilled embedding)
     mixed_precision: str = "no"  # no, bf16 or fp16: dtype of the frozen weights; LoRA weights and step math stay fp32
     gradient_checkpointing: bool = False  # recompute the denoiser's activations in backward (less memory, ~30% slower)
     device: str = "cpu"
@@ -281,6 +282,8 @@ def validate(config: Config) -> None:
         (config.model.guidance_scale is None or config.model.guidance_scale >= 0,
          f"model.guidance_scale must be >= 0, got {config.model.guidance_scale}"),
         (config.model.family in MODEL_FAMILIES, f"model.family must be one of {', '.join(MODEL_FAMILIES)}, got {config.model.family!r}"),
+        (config.model.true_cfg_scale == 1.0 or config.model.family in ("flux", "auto"),
+         f"model.true_cfg_scale is FLUX's true CFG; for family {config.model.family!r} set model.guidance_scale instead"),
         (config.model.mixed_precision in ("no", "bf16", "fp16"), f"model.mixed_precision must be no, bf16 or fp16, got {config.model.mixed_precision!r}"),
         (config.model.resolution is None or config.model.resolution >= 8, f"model.resolution must be >= 8 pixels (or null), got {config.model.resolution}"),
         (config.model.family in ("shapes", "auto", "analytic") or config.model.pretrained not in ("base", ""),

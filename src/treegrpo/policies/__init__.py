@@ -16,7 +16,7 @@ def build_policy(model_config) -> Policy:
     options = {"guidance_scale": c.guidance_scale, "device": c.device}
     if c.family != "shapes":
         options.update(resolution=c.resolution, negative_prompt=c.negative_prompt, mixed_precision=c.mixed_precision,
-                       gradient_checkpointing=c.gradient_checkpointing)
+                       gradient_checkpointing=c.gradient_checkpointing, true_cfg_scale=c.true_cfg_scale)
     policy = load_policy(c.pretrained, c.family, **options)
     if c.lora_rank > 0:
         if hasattr(policy, "add_lora"):

@@ -48,6 +48,7 @@ class DiffusersPolicy:
     family = ""
     default_lora_targets: tuple[str, ...] = ()
     denoiser_name = "transformer"
+    default_guidance = 1.0  # CFG scale when none is given
 
     def __init__(self, pipe: Any, *, resolution: int | None = None, guidance_scale: float | None = None,
                  negative_prompt: str = "", mixed_precision: str = "no", gradient_checkpointing: bool = False,
@@ -77,8 +78,6 @@ class DiffusersPolicy:
         self.lora_config: Any = None
 
     # ------------------------------------------------------------------ pieces
-    default_guidance = 1.0
-
     @property
     def denoiser(self) -> torch.nn.Module:
         return getattr(self.pipe, self.denoiser_name)

@@ -122,4 +122,6 @@ def load_policy(source: Any = "base", family: str | None = None, **options: Any)
     from treegrpo.policies.sd15 import SD15Policy
 
     cls = {"sd3": SD3Policy, "flux": FluxPolicy, "sd15": SD15Policy}[family]
+    if family != "flux" and options.pop("true_cfg_scale", 1.0) != 1.0:
+        raise ValueError(f"true_cfg_scale is FLUX's true CFG; a {family} model takes guidance_scale")
     return cls(pipe, **options)
