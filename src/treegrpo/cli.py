@@ -72,8 +72,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         output = Path(args.output_dir) if args.output_dir else Path("runs") / f"{config.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.quiet:
         config.train.progress = False
-    summary = Trainer(config, output).train()
-    print_summary(summary, output)
+    trainer = Trainer(config, output)
+    summary = trainer.train()
+    if trainer.is_main:  # one summary, not one per process
+        print_summary(summary, output)
     return 0
 
 
