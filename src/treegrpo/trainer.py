@@ -70,7 +70,7 @@ class Trainer:
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         check_divisible(config.train.prompts_per_iteration, self.world)  # before any work
-        torch.manual_seed(config.train.seed + self.rank)
+        torch.manual_seed(config.train.seed)  # the same model (LoRA init included) on every rank
         if policy is None:
             model_config = copy.copy(config.model)
             if config.model.device != "cpu" and self.world > 1:
@@ -99,13 +99,17 @@ class Trainer:
                 self.reference = copy.deepcopy(self.policy)
                 for p in self.reference.trainable_parameters():
                     p.requires_grad_(False)
-        # The model is prepared first (DDP / FSDP wrap it), then the optimiser is built on the
-        # prepared parameters (FSDP replaces them) and prepared too (DeepSpeed needs both).
-        self.model = self.accelerator.prepare(self.policy.trainable_module())
+        # One prepare call for model and optimiser (DeepSpeed needs both; DDP wraps the module).
+        if self._sharded():
+            self._prepare_sharded()
+        module = self.policy.trainable_module()
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=o.lr,
+                                      betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(module, optimizer)
         attach_wrapped(self.policy, self.model)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = self.accelerator.prepare(
-            torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP may replace them
+        if self.world > 1:
+            torch.manual_seed(config.train.seed + self.rank)  # each rank its own torch stream from here
         warmup = max(o.warmup_iterations * o.minibatches * o.epochs, 0)
         # Not prepared: accelerate's scheduler wrapper steps once per process, and the schedule
         # should not depend on the number of processes.
@@ -370,6 +374,16 @@ class Trainer:
         from accelerate.utils import DistributedType
 
         return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    def _prepare_sharded(self) -> None:
+        """FSDP / DeepSpeed: untested here (no GPU, no deepspeed in CI); say so, and give DeepSpeed the
+        micro-batch size it insists on when there is no dataloader."""
+        if self.is_main:
+            warnings.warn(f"{self.accelerator.distributed_type.value} is untested with treegrpo (DDP is tested); "
+                          "checkpoints will not hold the sharded optimiser state")
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
 
     def _checkpoint(self) -> None:
         """Every rank takes part (RNG states are gathered, sharded weights too); the main process writes."""
