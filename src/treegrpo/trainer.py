@@ -153,6 +153,9 @@ class Trainer:
             self.elapsed += max_over_ranks(self.accelerator, time.perf_counter() - start)
             self.iteration += 1
             record = {"iteration": self.iteration, "wall_seconds": round(self.elapsed, 3), **record}
+            # Every stop decision must agree across ranks or they hang in the next collective: the
+            # budget uses the slowest rank's time and summed calls; a stop request (signal) seen by
+            # one rank must go through `distributed.any_rank` here before it ends the loop.
             final = self.iteration == c.train.iterations or self._budget_spent()
             if final or (c.eval.every and self.iteration % c.eval.every == 0):
                 last_eval = self._evaluate(tag=f"iter_{self.iteration:06d}")
