@@ -53,7 +53,9 @@ def _resolve_policy(spec: str, guidance_scale: float | None = None):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from treegrpo.config import load_config
+    from treegrpo.checkpoint import CheckpointError, latest_checkpoint
+    from treegrpo.config import ConfigError, load_config
+    from treegrpo.stopping import Aborted, TrainingStopped
     from treegrpo.trainer import Trainer
 
     config_path = args.config
@@ -62,10 +64,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.insert(0, config_path)  # `treegrpo train key=value` without a config file
         config_path = None
     if args.resume:
+        # The run's stored config, plus overrides; the Trainer refuses overrides that would change the
+        # training itself (config.RESUME_MAY_CHANGE lists what may change, e.g. train.iterations).
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"--resume {args.resume!r}: no config.yaml there, so it is not a run directory")
-        config = load_config(run_dir / "config.yaml", overrides)
+        if args.output_dir and Path(args.output_dir).resolve() != run_dir.resolve():
+            raise ConfigError("--resume RUN_DIR continues RUN_DIR; drop --output-dir (or make it the same directory)")
+        if latest_checkpoint(run_dir) is None:
+            raise CheckpointError(f"--resume {args.resume!r}: the run has no checkpoint yet, so there is nothing to "
+                                  f"resume; start it again with --output-dir {args.resume}")
+        config = load_config(config_path if config_path is not None else run_dir / "config.yaml", overrides)
         output = run_dir
     else:
         config = load_config(config_path, overrides)
@@ -73,7 +82,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.quiet:
         config.train.progress = False
     trainer = Trainer(config, output)
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except TrainingStopped as stop:
+        print(f"treegrpo: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except Aborted as abort:
+        last = latest_checkpoint(output)
+        hint = f"resume from {last.name} with: treegrpo train --resume {output}" if last else "no checkpoint was written"
+        print(f"treegrpo: {abort}; the iteration in progress was not saved; {hint}", file=sys.stderr)
+        return abort.exit_code
     if trainer.is_main:  # one summary, not one per process
         print_summary(summary, output)
     return 0
@@ -229,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML config (optional)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
     train.add_argument("--output-dir", help="run directory (default runs/METHOD-TIMESTAMP); an existing one resumes")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint, with its stored "
+                       "config (overrides may change only run length and logging, e.g. train.iterations)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)
 
@@ -285,17 +304,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from treegrpo.checkpoint import CheckpointError
+    from treegrpo.checkpoint import CheckpointError, CheckpointWriteError
     from treegrpo.config import ConfigError
+    from treegrpo.rewards.retry import RewardError
+    from treegrpo.stopping import Aborted
 
+    # Exit codes: 2 = bad input (config, files, checkpoints: fix and rerun), 1 = the run failed
+    # (a reward kept raising, a write failed), 130 / 143 = stopped by a signal.
     try:
         return args.func(args)
+    except (RewardError, CheckpointWriteError) as err:
+        if os.environ.get("TREEGRPO_DEBUG"):
+            raise
+        print(f"treegrpo: error: {err}", file=sys.stderr)
+        return 1
     except (ConfigError, CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
         if os.environ.get("TREEGRPO_DEBUG"):
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"treegrpo: error: {message}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. disk full while writing metrics or samples; the last checkpoint stays valid
+        if os.environ.get("TREEGRPO_DEBUG"):
+            raise
+        print(f"treegrpo: error: {err}", file=sys.stderr)
+        return 1
+    except Aborted as err:
+        print(f"treegrpo: {err}; the iteration in progress was not saved", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("treegrpo: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ class RewardConfig:
     # reward name -> its constructor options, e.g. {hpsv2.1: {checkpoint: /path/HPS_v2.1_compressed.pt,
     # device: cuda}}; see each reward's docstring (treegrpo.rewards.preference) for its keys
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retries: int = 2  # a reward call that raises is tried again this many times before the run fails
+    retry_delay: float = 1.0  # seconds before the first retry; doubles each retry
 
 
 @dataclass
@@ -91,6 +94,7 @@ class OptimConfig:
 class TrainConfig:
     iterations: int = 60
     prompts_per_iteration: int = 16
+    prompts: str = "all"  # training prompts: "all" (the 54 shapes prompts) or a prompt file (.txt, .jsonl, .csv)
     seed: int = 0
     max_batch: int = 512  # rows per model call (rollout and training chunks)
     train_seeds: str = "random"  # training noise is fresh each iteration; eval uses held-out seeds
@@ -237,6 +241,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def validate(config: Config) -> None:
     """Range checks that need more than a type; raise ConfigError with the fix."""
     m, o, t, e = config.method, config.optim, config.train, config.eval
+    for section in dataclasses.fields(config):  # NaN slips through every `x > 0` check below as False, inf as True
+        for key, value in dataclasses.asdict(getattr(config, section.name)).items():
+            values = value.values() if isinstance(value, dict) and key != "options" else value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ConfigError(f"{section.name}.{key} must be a finite number, got {value!r}")
+    num_steps = config.model.num_steps
     checks = [
         (m.name in METHODS, f"method.name must be one of {METHODS}, got {m.name!r}"),
         (config.model.num_steps >= 2, f"model.num_steps must be >= 2, got {config.model.num_steps}"),
@@ -244,26 +254,41 @@ def validate(config: Config) -> None:
         (m.window >= 1, f"method.window must be >= 1, got {m.window}"),
         (m.window_mode in ("random", "shift", "fixed"), f"method.window_mode must be random, shift or fixed, got {m.window_mode!r}"),
         (0 < m.window_r < 1, f"method.window_r must be in (0, 1), got {m.window_r}"),
+        (m.window_every >= 1, f"method.window_every must be >= 1, got {m.window_every}"),
+        (m.window_start >= 0, f"method.window_start must be >= 0, got {m.window_start}"),
+        (m.name != "branch_grpo" or all(0 <= s < num_steps - 1 for s in m.split_steps),
+         f"method.split_steps must lie in 0..{num_steps - 2} (the last step never branches), got {m.split_steps}"),
         (m.trees_per_prompt >= 1, f"method.trees_per_prompt must be >= 1, got {m.trees_per_prompt}"),
         (m.group_size >= 2, f"method.group_size must be >= 2, got {m.group_size}"),
         (0 < m.train_fraction <= 1, f"method.train_fraction must be in (0, 1], got {m.train_fraction}"),
         (m.sde_kind in ("flow_grpo", "dance", "cps"), f"method.sde_kind must be flow_grpo, dance or cps, got {m.sde_kind!r}"),
-        (m.noise_level >= 0, f"method.noise_level must be >= 0, got {m.noise_level}"),
+        (m.noise_level > 0, f"method.noise_level must be > 0 (0 makes every step deterministic: nothing to train), got {m.noise_level}"),
         (m.backup in ("mean", "softmax"), f"method.backup must be mean or softmax, got {m.backup!r}"),
         (m.softmax_temperature > 0, f"method.softmax_temperature must be > 0, got {m.softmax_temperature}"),
         (bool(config.reward.weights), "reward.weights must name at least one reward"),
+        (any(w != 0 for w in config.reward.weights.values()), "reward.weights must not all be 0"),
+        (config.reward.retries >= 0, f"reward.retries must be >= 0, got {config.reward.retries}"),
+        (config.reward.retry_delay >= 0, f"reward.retry_delay must be >= 0 seconds, got {config.reward.retry_delay}"),
         (config.model.lora_rank >= 0, f"model.lora_rank must be >= 0, got {config.model.lora_rank}"),
+        (config.model.lora_alpha > 0, f"model.lora_alpha must be > 0, got {config.model.lora_alpha}"),
+        (config.model.guidance_scale is None or config.model.guidance_scale >= 0,
+         f"model.guidance_scale must be >= 0, got {config.model.guidance_scale}"),
         (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
         (o.clip_range > 0, f"optim.clip_range must be > 0, got {o.clip_range}"),
         (o.adv_clip > 0, f"optim.adv_clip must be > 0, got {o.adv_clip}"),
         (o.grad_clip > 0, f"optim.grad_clip must be > 0, got {o.grad_clip}"),
         (o.minibatches >= 1 and o.epochs >= 1, "optim.minibatches and optim.epochs must be >= 1"),
         (o.kl_coef >= 0, f"optim.kl_coef must be >= 0, got {o.kl_coef}"),
-        (len(o.betas) == 2, f"optim.betas must be two numbers, got {o.betas}"),
+        (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}"),
+        (o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
+        (o.warmup_iterations >= 0, f"optim.warmup_iterations must be >= 0, got {o.warmup_iterations}"),
         (t.iterations >= 0, f"train.iterations must be >= 0, got {t.iterations}"),
         (t.prompts_per_iteration >= 1, f"train.prompts_per_iteration must be >= 1, got {t.prompts_per_iteration}"),
         (t.max_batch >= 1, f"train.max_batch must be >= 1, got {t.max_batch}"),
         (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
+        (t.max_seconds >= 0 and t.max_model_calls >= 0, "train.max_seconds and train.max_model_calls must be >= 0 (0 = no limit)"),
+        (e.grid_prompts >= 1, f"eval.grid_prompts must be >= 1, got {e.grid_prompts}"),
+        (e.seed_offset >= 0, f"eval.seed_offset must be >= 0, got {e.seed_offset}"),
         (e.num_seeds >= 1, f"eval.num_seeds must be >= 1, got {e.num_seeds}"),
         (e.every >= 0 and t.checkpoint_every >= 0, "eval.every and train.checkpoint_every must be >= 0"),
         (config.log.tree_every >= 0, f"log.tree_every must be >= 0, got {config.log.tree_every}"),
@@ -308,6 +333,31 @@ def validate_reward_options(options: dict[str, Any], known: list[str] | None = N
             if key not in valid:
                 raise ConfigError(f"unknown option {key!r} in reward.options.{name}; reward {name!r} takes: "
                                   f"{', '.join(valid) if valid else 'no options'}")
+
+
+# Keys a resumed run may change: how long it runs and what it logs, never what it computes per iteration.
+RESUME_MAY_CHANGE = ("train.iterations", "train.max_seconds", "train.max_model_calls", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.progress", "eval.every", "log.trackers", "log.tree_every",
+                     "reward.retries", "reward.retry_delay")
+
+
+def check_resume_config(stored: str | Path, config: Config) -> None:
+    """Raise ConfigError if `config` differs from a run's stored config.yaml in a key that changes the
+    training itself (see RESUME_MAY_CHANGE): continuing would silently mix two different runs."""
+    stored = Path(stored)
+    if not stored.is_file():
+        return
+    try:
+        old = load_config(stored).to_dict()
+    except ConfigError as err:
+        raise ConfigError(f"the run's stored config is invalid ({err}); start a new run in another directory") from None
+    new = config.to_dict()
+    diffs = [f"{s}.{k}: {old[s][k]!r} in the run, {new[s][k]!r} now" for s in new for k in new[s]
+             if f"{s}.{k}" not in RESUME_MAY_CHANGE and old[s][k] != new[s][k]]
+    if diffs:
+        raise ConfigError(f"{stored.parent} holds a run with a different config ({'; '.join(diffs)}). Continue it "
+                          f"with `treegrpo train --resume {stored.parent}` (only {', '.join(RESUME_MAY_CHANGE)} may "
+                          f"change), or pass a new --output-dir")
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -15,8 +15,17 @@ def load_prompts(spec: str) -> list[str]:
 
         return [p.text for p in all_prompts()]
     path = Path(spec)
+    if path.is_dir():
+        raise ValueError(f"prompt file {spec!r} is a directory; pass a .txt, .jsonl or .csv file")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {spec!r} does not exist (use 'all' for the built-in shapes prompts)")
+    try:
+        return _read_prompts(path, spec)
+    except UnicodeDecodeError:
+        raise ValueError(f"prompt file {spec!r} is not UTF-8 text") from None
+
+
+def _read_prompts(path: Path, spec: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         prompts = []

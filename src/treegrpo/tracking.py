@@ -147,3 +147,29 @@ class RunLogger:
         for tracker in self.trackers:
             tracker.finish()
         self.trackers = []
+
+
+def truncate_metrics(path: str | Path, last_iteration: int) -> None:
+    """On resume: keep the records of iterations <= `last_iteration` (those of the checkpoint).
+
+    A last line cut short (the process was killed mid-write) is dropped; a damaged line anywhere
+    else means the file was edited, and is an error naming the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            iteration = int(record["iteration"])
+        except (ValueError, KeyError, TypeError):
+            if n == len(lines):
+                break  # a write interrupted by the kill: the checkpoint's records are all before it
+            raise ConfigError(f"{path}:{n} is not a metrics record; repair or remove that line to resume") from None
+        if iteration <= last_iteration:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))

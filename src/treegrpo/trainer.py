@@ -26,6 +26,7 @@ import contextlib
 import copy
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -35,8 +36,8 @@ import torch
 from tqdm.auto import tqdm
 
 from treegrpo.advantages import tree_advantages
-from treegrpo.checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint
-from treegrpo.config import Config, ConfigError, save_config
+from treegrpo.checkpoint import WEIGHTS, CheckpointWriteError, load_state, load_weights, resume_checkpoint, save_checkpoint
+from treegrpo.config import Config, ConfigError, check_resume_config, save_config
 from treegrpo.distributed import (all_sum, any_rank, check_divisible, max_over_ranks, padded_shard, reduce_metrics,
                                   shard_slice)
 from treegrpo.evaluation import (decode_chunked, evaluate_per_image, image_grid, save_image, score_images, side_by_side,
@@ -49,9 +50,11 @@ from treegrpo.policies.base import attach_wrapped
 from treegrpo.policies.lora import BaseModelView
 from treegrpo.prompts import load_prompts
 from treegrpo.rewards import build_rewards
+from treegrpo.rewards.retry import with_retries
 from treegrpo.rollout import rollout, transition
 from treegrpo.steps import gaussian_log_prob
-from treegrpo.tracking import RunLogger
+from treegrpo.stopping import StopSignals, TrainingStopped
+from treegrpo.tracking import RunLogger, truncate_metrics
 from treegrpo.tree import EdgeBatch, trained_edges
 from treegrpo.tree_record import TreeRecord, record_tree
 
@@ -71,6 +74,9 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         check_divisible(config.train.prompts_per_iteration, self.world)  # before any work
         torch.manual_seed(config.train.seed)  # the same model (LoRA init included) on every rank
+        # Prompt files first: a missing or malformed one fails before the model is loaded.
+        self.train_prompts = train_prompts or load_prompts(config.train.prompts)
+        self.eval_prompts = load_prompts(config.eval.prompts)
         if policy is None:
             model_config = copy.copy(config.model)
             if config.model.device != "cpu" and self.world > 1:
@@ -81,11 +87,11 @@ class Trainer:
         self.num_steps = config.model.num_steps
         self.schedule = self.policy.schedule(self.num_steps)
         self.method = Method(config.method, self.num_steps)
-        self.train_prompts = train_prompts or load_prompts("all")
-        self.eval_prompts = load_prompts(config.eval.prompts)
         self.eval_seeds = [config.eval.seed_offset + i for i in range(config.eval.num_seeds)]
         names = set(config.reward.weights) | set(config.reward.eval)
-        self.rewards = build_rewards(names, config.reward.options)
+        # A reward that raises (e.g. a remote scorer timing out) is retried before the run fails.
+        self.rewards = with_retries(build_rewards(names, config.reward.options), config.reward.retries,
+                                    config.reward.retry_delay)
         if not any(p.requires_grad for p in self.policy.trainable_parameters()):
             raise ConfigError("the policy has no trainable parameters")
         o = config.optim
@@ -123,9 +129,31 @@ class Trainer:
         self.base_eval: dict[str, float] | None = None
         self.grid_rows = self._grid_rows()
         self.tree_record: TreeRecord | None = None  # the last iteration's tree of its first prompt, for the report
+        self.checkpoint_failures = 0  # checkpoints that could not be written (disk full...); retried at the next one
+        self.last_checkpoint: int | None = None  # iteration of the newest checkpoint on disk
+        self.signals = StopSignals(lambda: f"finishing iteration {self.iteration + 1}, then checkpointing")
+
+    def _stop_requested(self) -> bool:
+        """Whether a SIGINT / SIGTERM asked this run to stop (checked between iterations). A request
+        seen by any rank stops them all after the same iteration (else they hang in a collective)."""
+        return any_rank(self.accelerator, self.signals.requested)
+
+    def _stop(self) -> None:
+        """Checkpoint the finished iterations and raise TrainingStopped (exit code and message in it)."""
+        assert self.signals.signum is not None
+        if self.last_checkpoint != self.iteration:
+            self._checkpoint(final=True)
+        self.logger.finish()
+        raise TrainingStopped(self.signals.signum, self.iteration, str(self.out))
 
     # ------------------------------------------------------------------ run
     def train(self) -> dict[str, Any]:
+        """Run (or resume) to the end; a first SIGINT / SIGTERM stops after the current iteration
+        with a checkpoint (raises `TrainingStopped`), a second aborts (raises `Aborted`)."""
+        with self.signals:
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         c = self.config
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -147,6 +175,9 @@ class Trainer:
                    disable=None if c.train.progress and self.is_main else True, dynamic_ncols=True)
         last_eval = None
         while self.iteration < c.train.iterations and not self._budget_spent():
+            if self._stop_requested():
+                bar.close()
+                self._stop()
             start = time.perf_counter()
             record = self.step()
             # The slowest rank's time, so every rank takes the same budget decision (else they hang).
@@ -154,8 +185,7 @@ class Trainer:
             self.iteration += 1
             record = {"iteration": self.iteration, "wall_seconds": round(self.elapsed, 3), **record}
             # Every stop decision must agree across ranks or they hang in the next collective: the
-            # budget uses the slowest rank's time and summed calls; a stop request (signal) seen by
-            # one rank must go through `distributed.any_rank` here before it ends the loop.
+            # budget uses the slowest rank's time and summed calls; signals go through any_rank.
             final = self.iteration == c.train.iterations or self._budget_spent()
             if final or (c.eval.every and self.iteration % c.eval.every == 0):
                 last_eval = self._evaluate(tag=f"iter_{self.iteration:06d}")
@@ -164,14 +194,15 @@ class Trainer:
             if self.tree_record is not None and (final or (c.log.tree_every and self.iteration % c.log.tree_every == 0)):
                 self.logger.save_tree(self.tree_record)
             if final or (c.train.checkpoint_every and self.iteration % c.train.checkpoint_every == 0):
-                self._checkpoint()
+                self._checkpoint(final=final)
             bar.update(1)
             bar.set_postfix(reward=f"{record.get('train/reward_mean', float('nan')):.3f}")
         bar.close()
         if last_eval is None:
             last_eval = self._evaluate(tag=f"iter_{self.iteration:06d}")
         summary = {"iterations": self.iteration, "wall_seconds": round(self.elapsed, 3),
-                   "model_calls": self.total_calls, "base": self.base_eval, "final": last_eval}
+                   "model_calls": self.total_calls, "checkpoint_failures": self.checkpoint_failures,
+                   "base": self.base_eval, "final": last_eval}
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.logger.finish()
@@ -388,8 +419,10 @@ class Trainer:
         if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
 
-    def _checkpoint(self) -> None:
-        """Every rank takes part (RNG states are gathered, sharded weights too); the main process writes."""
+    def _checkpoint(self, final: bool = False) -> None:
+        """Write a checkpoint: every rank takes part (RNG states are gathered, sharded weights too),
+        the main process writes. A failed write (disk full...) leaves the previous checkpoint valid:
+        the run warns and tries again at the next checkpoint, but a failed final checkpoint is an error."""
         from accelerate.utils import gather_object
 
         rng = gather_object([self._rng_state()]) if self.world > 1 else [self._rng_state()]
@@ -405,18 +438,34 @@ class Trainer:
                               "optimiser state; a resume restarts AdamW's moments (untested path)")
         state = {"iteration": self.iteration, "wall_seconds": self.elapsed, "model_calls": self.total_calls,
                  "world_size": self.world, "rng": rng, "window_schedule": self.method.state_dict(),
-                 "lr_schedule": self.lr_schedule.state_dict(), "base_eval": self.base_eval}
+                 "lr_schedule": self.lr_schedule.state_dict(), "base_eval": self.base_eval,
+                 "checkpoint_failures": self.checkpoint_failures}
+        error: CheckpointWriteError | None = None
         if self.is_main:
-            save_checkpoint(self.out, self.iteration, weights, optimizer_state, state,
-                            keep=self.config.train.keep_checkpoints)
-        self.accelerator.wait_for_everyone()
+            try:
+                save_checkpoint(self.out, self.iteration, weights, optimizer_state, state,
+                                keep=self.config.train.keep_checkpoints)
+            except CheckpointWriteError as err:
+                error = err
+        # Every rank learns the outcome, so all of them go on (or stop) together.
+        if any_rank(self.accelerator, error is not None):
+            self.checkpoint_failures += 1
+            reason = str(error) if error is not None else "the main process could not write the checkpoint"
+            if final:
+                raise CheckpointWriteError(f"the final checkpoint could not be written: {reason}. Free space and rerun "
+                                           f"the same command to continue from the last valid checkpoint") from error
+            if self.is_main:
+                print(f"treegrpo: warning: {reason}; training goes on and retries at the next checkpoint", file=sys.stderr)
+            return
+        self.last_checkpoint = self.iteration
 
     def _maybe_resume(self) -> bool:
-        ckpt = latest_checkpoint(self.out)
+        ckpt = resume_checkpoint(self.out)  # verified; a damaged newest checkpoint raises CheckpointError
         if ckpt is None:
             return False
+        check_resume_config(self.out / "config.yaml", self.config)
         state, optimizer_state = load_state(ckpt)
-        load_trainable_state_dict(self.policy, load_weights(ckpt))
+        load_trainable_state_dict(self.policy, load_weights(ckpt / WEIGHTS))  # the file: already verified above
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
         self.lr_schedule.load_state_dict(state["lr_schedule"])
@@ -436,12 +485,12 @@ class Trainer:
                           "RNG states are not restored (training noise comes from the shared generator)")
         self.iteration, self.elapsed, self.total_calls = state["iteration"], state["wall_seconds"], state["model_calls"]
         self.base_eval = state.get("base_eval")
-        # Drop metrics written after the checkpoint, so the log matches an uninterrupted run.
-        metrics = self.out / "metrics.jsonl"
-        if self.is_main and metrics.is_file():
-            kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] <= self.iteration]
-            metrics.write_text("".join(line + "\n" for line in kept))
+        self.checkpoint_failures = state.get("checkpoint_failures", 0)
+        self.last_checkpoint = self.iteration
+        if self.is_main:
+            # Drop metrics written after the checkpoint (and a line cut short by a kill), so the log
+            # matches an uninterrupted run.
+            truncate_metrics(self.out / "metrics.jsonl", self.iteration)
             print(f"resuming {self.out} from {ckpt.name} (iteration {self.iteration})")
         self.accelerator.wait_for_everyone()
         return True

@@ -132,6 +132,10 @@ def _prompt_texts(prompts: Sequence[str | ShapePrompt]) -> list[str]:
     return [p.text if isinstance(p, ShapePrompt) else str(p) for p in prompts]
 
 
+class ModelLoadError(ValueError):
+    """Model weights exist but cannot be loaded (truncated, not safetensors, incomplete folder)."""
+
+
 class ShapesPolicy:
     """The embedded base model as a `treegrpo.policies.base.Policy` (rectified flow, velocity).
 
@@ -161,6 +165,7 @@ class ShapesPolicy:
         guidance_scale / shift: override the values stored in the checkpoint's policy config.
         """
         from diffusers import UNet2DConditionModel
+        from diffusers.utils import logging as df_logging
         from transformers import CLIPTextModel, PreTrainedTokenizerFast
         from transformers.utils import logging as hf_logging
 
@@ -171,16 +176,28 @@ class ShapesPolicy:
                 f"no shapes-model checkpoint at {path} (missing {POLICY_CONFIG}); pass the folder written by "
                 f"ShapesPolicy.save_pretrained or `treegrpo pretrain shapes`, or None for the shipped weights"
             )
-        options = json.loads(config_file.read_text())
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # a 36-tensor model needs no "Loading weights" bar
         try:
-            text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer", local_files_only=True)
+            options = json.loads(config_file.read_text())
+            # use_safetensors: never fall back to pickled .bin weights (loading those can run code)
+            level = df_logging.get_verbosity()
+            df_logging.set_verbosity(df_logging.CRITICAL)  # its failure is in our one-line error below, not logged too
+            try:
+                unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True, use_safetensors=True)
+            finally:
+                df_logging.set_verbosity(level)
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # a 36-tensor model needs no "Loading weights" bar
+            try:
+                text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True,
+                                                             use_safetensors=True)
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer", local_files_only=True)
+        except Exception as err:  # missing / truncated / pickled-only files: one message, not a library traceback
+            raise ModelLoadError(f"cannot load the shapes model from {path}: {type(err).__name__}: "
+                                 f"{str(err).splitlines()[0] if str(err) else ''} (it needs policy_config.json and "
+                                 f"unet/, text_encoder/ as safetensors, tokenizer/, as written by save_pretrained)") from None
         return cls(
             unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
             guidance_scale=options.get("guidance_scale", DEFAULT_GUIDANCE) if guidance_scale is None else guidance_scale,
