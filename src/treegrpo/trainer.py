@@ -26,6 +26,7 @@ import contextlib
 import copy
 import json
 import math
+import signal
 import sys
 import time
 import warnings
@@ -140,11 +141,12 @@ class Trainer:
 
     def _stop(self) -> None:
         """Checkpoint the finished iterations and raise TrainingStopped (exit code and message in it)."""
-        assert self.signals.signum is not None
+        # A rank that did not get the signal itself stops because another did (any_rank): say SIGTERM.
+        signum = self.signals.signum if self.signals.signum is not None else int(signal.SIGTERM)
         if self.last_checkpoint != self.iteration:
             self._checkpoint(final=True)
         self.logger.finish()
-        raise TrainingStopped(self.signals.signum, self.iteration, str(self.out))
+        raise TrainingStopped(signum, self.iteration, str(self.out))
 
     # ------------------------------------------------------------------ run
     def train(self) -> dict[str, Any]:
