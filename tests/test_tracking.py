@@ -44,9 +44,9 @@ def test_no_trackers_means_metrics_jsonl_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
-def test_only_the_main_process_writes(tmp_path, monkeypatch):
-    monkeypatch.setenv("RANK", "1")  # what `accelerate launch` sets on the second process
-    logger = RunLogger(tmp_path / "run", ["tensorboard"], {"a": {"b": 1}})
+def test_only_the_main_process_writes(tmp_path):
+    # The trainer passes accelerator.is_main_process (False on every rank but 0 under accelerate launch).
+    logger = RunLogger(tmp_path / "run", ["tensorboard"], {"a": {"b": 1}}, is_main_process=False)
     logger.log({"iteration": 1, "lr": 0.1})
     logger.log_grid("start", Image.new("RGB", (4, 4)), 0, ["p"], [0])
     logger.finish()

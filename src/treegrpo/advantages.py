@@ -13,7 +13,7 @@ Groups with (numerically) zero spread get zero advantages, never NaN.
 
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from typing import Callable, Literal, Mapping
 
 import torch
 
@@ -24,12 +24,15 @@ ZERO_SPREAD = 1e-6  # a group whose std is below this (relative to its scale) ha
 
 
 def normalize_by_group(values: torch.Tensor, group: torch.Tensor, *, eps: float = 1e-8, unbiased: bool = False,
-                       global_std: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+                       global_std: bool = False, mask: torch.Tensor | None = None,
+                       sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Standardise `values` [L] within groups `group` [L] (long). Computed in float64.
 
     unbiased: divide by n - 1 (DanceGRPO) instead of n (population std, TreeGRPO).
     global_std: subtract the group mean but divide by the std over all values (Flow-GRPO option).
     mask: [L] bool, entries to use; masked-out entries get 0 and do not enter the statistics.
+    sum_over_ranks: with global_std under several processes, sums a float64 tensor over them (the
+        global std then covers every rank's groups; group means stay local: a rank owns whole groups).
     Returns float32 [L]; groups with zero spread give exactly 0.
     """
     v = values.double()
@@ -43,8 +46,10 @@ def normalize_by_group(values: torch.Tensor, group: torch.Tensor, *, eps: float 
     centred = (v - mean[g]) * weight
     ddof = 1 if unbiased else 0
     if global_std:
-        n = weight.sum()
-        std = torch.sqrt((centred**2).sum() / (n - ddof).clamp(min=1)).expand(num_groups)
+        sums = torch.stack([(centred**2).sum(), weight.sum()])
+        if sum_over_ranks is not None:
+            sums = sum_over_ranks(sums)
+        std = torch.sqrt(sums[0] / (sums[1] - ddof).clamp(min=1)).expand(num_groups)
     else:
         var = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, g, centred**2) / (count - ddof).clamp(min=1)
         std = torch.sqrt(var)
@@ -124,11 +129,13 @@ def normalize_per_depth(tree: Tree, edge_advantages: list[torch.Tensor | None]) 
 
 def tree_advantages(tree: Tree, rewards: Mapping[str, torch.Tensor], *, weights: Mapping[str, float] | None = None,
                     rule: BackupRule = "mean", temperature: float = 1.0, per_depth: bool = False,
-                    unbiased: bool = False, global_std: bool = False,
-                    mask: torch.Tensor | None = None) -> list[torch.Tensor | None]:
-    """The whole chain: rewards per leaf ({name: [L]}) -> per-level edge advantages."""
+                    unbiased: bool = False, global_std: bool = False, mask: torch.Tensor | None = None,
+                    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+    """The whole chain: rewards per leaf ({name: [L]}) -> per-level edge advantages
+    (sum_over_ranks: see `normalize_by_group`)."""
     group = tree.leaf_prompt
     combined = combine_rewards(rewards, weights, group, mask=mask)
-    leaf = normalize_by_group(combined, group, unbiased=unbiased, global_std=global_std, mask=mask)
+    leaf = normalize_by_group(combined, group, unbiased=unbiased, global_std=global_std, mask=mask,
+                              sum_over_ranks=sum_over_ranks)
     edges = backup(tree, leaf, rule=rule, temperature=temperature, leaf_mask=mask)
     return normalize_per_depth(tree, edges) if per_depth else edges

@@ -81,8 +81,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         output = Path(args.output_dir) if args.output_dir else Path("runs") / f"{config.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.quiet:
         config.train.progress = False
+    trainer = Trainer(config, output)
     try:
-        summary = Trainer(config, output).train()
+        summary = trainer.train()
     except TrainingStopped as stop:
         print(f"treegrpo: {stop}", file=sys.stderr)
         return stop.exit_code
@@ -91,7 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         hint = f"resume from {last.name} with: treegrpo train --resume {output}" if last else "no checkpoint was written"
         print(f"treegrpo: {abort}; the iteration in progress was not saved; {hint}", file=sys.stderr)
         return abort.exit_code
-    print_summary(summary, output)
+    if trainer.is_main:  # one summary, not one per process
+        print_summary(summary, output)
     return 0
 
 

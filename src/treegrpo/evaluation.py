@@ -61,21 +61,41 @@ def evaluate(policy: Policy, prompts: list[str], seeds: list[int], rewards: Mapp
     """Mean reward per reward model (``reward/NAME``) and, for the shapes world, accuracies
     (``acc/shape``, ``acc/color``, ``acc/background``, ``acc/all``) over every (prompt, seed).
     spread: also ``reward_std/NAME`` (see `reward_statistics`). Returns (metrics, images [P * S, 3, H, W])."""
+    per_image, images = evaluate_per_image(policy, prompts, seeds, rewards, num_steps, max_batch,
+                                           shapes_accuracy=shapes_accuracy, progress=progress)
+    return summarize_eval(per_image, spread=spread), images
+
+
+@torch.no_grad()
+def evaluate_per_image(policy: Policy, prompts: list[str], seeds: list[int], rewards: Mapping[str, Reward],
+                       num_steps: int, max_batch: int = 512, shapes_accuracy: bool = False,
+                       progress: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-image scores {``reward/NAME`` or ``acc/NAME``: [P * S] float32} (prompt-major) and the
+    images; `summarize_eval` turns them into `evaluate`'s metrics (ranks concatenate theirs first)."""
     images = ode_sample(policy, prompts, seeds, num_steps, max_batch, progress=progress, desc="eval")
     per_image_prompts = [p for p in prompts for _ in seeds]
-    scores = score_images(images, per_image_prompts, rewards, max_batch)
-    if spread:
-        metrics = reward_statistics(scores)
-    else:
-        metrics = {f"reward/{k}": float(v.mean()) for k, v in scores.items()}
+    out = {f"reward/{k}": v for k, v in score_images(images, per_image_prompts, rewards, max_batch).items()}
     if shapes_accuracy:
         from treegrpo.rewards.shapes import shapes_accuracy as accuracy
 
         acc = accuracy(images, per_image_prompts)
         for name, hits in acc.items():
-            metrics[f"acc/{name}"] = float(hits.float().mean())
-        metrics["acc/all"] = float(torch.stack([h.bool() for h in acc.values()]).all(dim=0).float().mean())
-    return metrics, images
+            out[f"acc/{name}"] = hits.float()
+        out["acc/all"] = torch.stack([h.bool() for h in acc.values()]).all(dim=0).float()
+    return out, images
+
+
+def summarize_eval(per_image: Mapping[str, torch.Tensor], spread: bool = False) -> dict[str, float]:
+    """Means of `evaluate_per_image`'s scores (and ``reward_std/NAME`` with `spread`)."""
+    rewards = {k[len("reward/"):]: v for k, v in per_image.items() if k.startswith("reward/")}
+    if spread:
+        metrics = reward_statistics(rewards)
+    else:
+        metrics = {f"reward/{k}": float(v.mean()) for k, v in rewards.items()}
+    for key, hits in per_image.items():
+        if key.startswith("acc/"):
+            metrics[key] = float(hits.float().mean())
+    return metrics
 
 
 def image_grid(images: torch.Tensor, rows: int, cols: int, scale: int = 4, pad: int = 1) -> Image.Image:

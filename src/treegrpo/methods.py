@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -42,20 +44,40 @@ class Method:
         self.advantage_rule = AdvantageRule(config.backup, config.softmax_temperature, config.per_depth,
                                             config.unbiased_std, config.global_std)
         self.window: WindowSchedule | None = None
+        self.last_start: int | None = None  # the window start of the latest iteration
         if config.name in ("treegrpo", "mix_grpo"):
             self.window = WindowSchedule(num_starts=num_steps - config.window, mode=config.window_mode,  # type: ignore[arg-type]
                                          r=config.window_r, every=config.window_every, start=config.window_start)
         self.shape_for(0, torch.Generator().manual_seed(0))  # fail now, not mid-run, on a bad combination
+        self.last_start = None
+
+    def state_dict(self) -> dict | None:
+        """The window schedule's state for checkpoints: its settings and the latest start. The
+        schedule itself is a function of the iteration and the shared generator (both saved)."""
+        if self.window is None:
+            return None
+        return {"schedule": dataclasses.asdict(self.window), "last_start": self.last_start}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore `state_dict()`; a changed schedule is allowed (a deliberate config change) but warned about."""
+        if self.window is None or not state:
+            return
+        saved = state.get("schedule")
+        if saved is not None and saved != dataclasses.asdict(self.window):
+            warnings.warn(f"the window schedule changed since the checkpoint: {saved} -> {dataclasses.asdict(self.window)}")
+        self.last_start = state.get("last_start")
 
     def shape_for(self, iteration: int, generator: torch.Generator) -> TreeShape:
         """The tree shape of `iteration`; draws from `generator` where the method is random."""
         c, steps = self.config, self.num_steps
         if c.name == "treegrpo":
             assert self.window is not None
-            return TreeShape.treegrpo(steps, c.k, c.window, self.window.pick(iteration, generator), c.trees_per_prompt)
+            self.last_start = self.window.pick(iteration, generator)
+            return TreeShape.treegrpo(steps, c.k, c.window, self.last_start, c.trees_per_prompt)
         if c.name == "mix_grpo":
             assert self.window is not None
-            return TreeShape.mix_grpo(steps, c.group_size, c.window, self.window.pick(iteration, generator))
+            self.last_start = self.window.pick(iteration, generator)
+            return TreeShape.mix_grpo(steps, c.group_size, c.window, self.last_start)
         if c.name == "flow_grpo":
             return TreeShape.flow_grpo(steps, c.group_size)
         if c.name == "dance_grpo":

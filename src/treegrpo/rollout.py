@@ -8,7 +8,7 @@ node's single mean. The rollout does not know which method it serves: the `TreeS
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -70,16 +70,30 @@ def predict_chunked(policy: Policy, x: torch.Tensor, times: torch.Tensor, cond: 
     return torch.cat(outs).float()
 
 
+def draw_noise(shape: tuple[int, ...], generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """[N, ...] standard normal noise on the CPU. With one generator per prompt (a list), rows are
+    split into equal prompt-major blocks and block p comes from generator p: a prompt's noise then
+    does not depend on which other prompts share the batch (or the process)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator)
+    if shape[0] % len(generator):
+        raise ValueError(f"{shape[0]} rows do not split into {len(generator)} equal prompt blocks")
+    rows = shape[0] // len(generator)
+    return torch.cat([torch.randn((rows, *shape[1:]), generator=g) for g in generator])
+
+
 @torch.no_grad()
 def rollout(policy: Policy, prompts: list[str], shape: TreeShape, *, num_steps: int | None = None,
-            sampler: SamplerConfig = SamplerConfig(), generator: torch.Generator | None = None,
+            sampler: SamplerConfig = SamplerConfig(),
+            generator: torch.Generator | Sequence[torch.Generator] | None = None,
             max_batch: int = 256, cond: Any = None, keep_all_latents: bool = False,
             root_latents: torch.Tensor | None = None, progress: bool = False, desc: str = "rollout") -> Tree:
     """Grow one forest for `prompts` with `shape`; returns the `Tree` (its `num_model_calls` counts
     model evaluations without CFG).
 
     Noise is drawn per level for the whole level, so the result depends on the seed, not on
-    `max_batch`. Only the levels training needs (trained nodes, their children, leaves) keep their
+    `max_batch`; `generator` may be one generator per prompt (see `draw_noise`). Only the levels
+    training needs (trained nodes, their children, leaves) keep their
     latents unless `keep_all_latents`. root_latents: optional [P * R, *latent_shape] initial noise.
     progress: a bar (model calls done / total, with ETA) on a terminal, titled `desc`.
     """
@@ -94,7 +108,7 @@ def rollout(policy: Policy, prompts: list[str], shape: TreeShape, *, num_steps: 
     device = torch.device(getattr(policy, "device", "cpu"))
     if root_latents is None:
         # Noise comes from the (CPU) generator, then moves: the same seed gives the same trees anywhere.
-        root_latents = torch.randn((num_roots, *policy.latent_shape), generator=generator)
+        root_latents = draw_noise((num_roots, *policy.latent_shape), generator)
     tree = Tree.roots_for(shape, len(prompts), root_latents.float().to(device))
     x = tree.latents[0]
 
@@ -117,7 +131,7 @@ def rollout(policy: Policy, prompts: list[str], shape: TreeShape, *, num_steps: 
         else:
             k = shape.branching[i]
             mean, std = mean.repeat_interleave(k, dim=0), std.repeat_interleave(k, dim=0)
-            children = mean + std * torch.randn(mean.shape, generator=generator).to(device)
+            children = mean + std * draw_noise(tuple(mean.shape), generator).to(device)
             log_prob = gaussian_log_prob(children, mean, std)
         tree.add_level(children, log_prob, keep_latents=keep(i + 1))
         x = children

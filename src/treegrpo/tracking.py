@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +80,18 @@ class RunLogger:
 
     trackers: accelerate tracker names (see `known_trackers`); config: the resolved config as a
     nested dict, stored as the trackers' hyper-parameters. is_main_process: whether this process
-    writes; default from the launcher's RANK variable (0 or unset = main).
+    writes (the trainer passes `accelerator.is_main_process`); default: accelerate's view of this
+    process (`PartialState().is_main_process`, True without a launcher).
     """
 
     def __init__(self, out_dir: str | Path, trackers: list[str], config: dict[str, Any] | None = None,
                  is_main_process: bool | None = None) -> None:
         self.out = Path(out_dir)
-        self.is_main = int(os.environ.get("RANK", "0")) == 0 if is_main_process is None else is_main_process
+        if is_main_process is None:
+            from accelerate import PartialState
+
+            is_main_process = PartialState().is_main_process
+        self.is_main = is_main_process
         self.trackers: list[Any] = []
         if not self.is_main:
             return

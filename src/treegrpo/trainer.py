@@ -10,15 +10,26 @@ One iteration (readable top to bottom in `Trainer.step`):
    log-probs of all its child edges; clipped surrogate (+ optional KL); AdamW step with grad clip.
 
 A run directory holds config.yaml, metrics.jsonl, samples/, checkpoints/ and summary.json.
+
+Processes: the trainer always runs through `accelerate.Accelerator` (a world of one unless started
+with `accelerate launch`). A shared generator (same seed and draws on every rank) picks the
+iteration's prompts, its tree shape and one noise seed per prompt; each rank grows, scores and
+trains the trees of its own contiguous slice of the prompts, with per-prompt noise streams and
+per-prompt minibatch splits, so N processes compute what one process doing all prompts would (up
+to float rounding): DDP averages equal-sized per-rank gradients, metrics are reduced
+(`treegrpo.distributed`), and only the main process writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +39,15 @@ from tqdm.auto import tqdm
 from treegrpo.advantages import tree_advantages
 from treegrpo.checkpoint import WEIGHTS, CheckpointWriteError, load_state, load_weights, resume_checkpoint, save_checkpoint
 from treegrpo.config import Config, ConfigError, check_resume_config, save_config
-from treegrpo.evaluation import evaluate, image_grid, save_image, score_images, side_by_side, decode_chunked
+from treegrpo.distributed import (all_sum, any_rank, check_divisible, max_over_ranks, padded_shard, reduce_metrics,
+                                  shard_slice)
+from treegrpo.evaluation import (decode_chunked, evaluate_per_image, image_grid, save_image, score_images, side_by_side,
+                                 summarize_eval)
 from treegrpo.loss import kl_to_reference, policy_loss
 from treegrpo.methods import Method
+from treegrpo.memory import PeakMemory
 from treegrpo.policies import Policy, build_policy, load_trainable_state_dict, trainable_state_dict
+from treegrpo.policies.base import attach_wrapped
 from treegrpo.policies.lora import BaseModelView
 from treegrpo.prompts import load_prompts
 from treegrpo.rewards import build_rewards
@@ -49,13 +65,26 @@ class Trainer:
 
     def __init__(self, config: Config, output_dir: str | Path, policy: Policy | None = None,
                  train_prompts: list[str] | None = None) -> None:
+        from accelerate import Accelerator
+
         self.config = config
         self.out = Path(output_dir)
-        torch.manual_seed(config.train.seed)
+        # device_placement=False: the policy is built on its device (one GPU per rank) by us.
+        self.accelerator = Accelerator(cpu=config.model.device == "cpu", device_placement=False)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        check_divisible(config.train.prompts_per_iteration, self.world)  # before any work
+        torch.manual_seed(config.train.seed)  # the same model (LoRA init included) on every rank
         # Prompt files first: a missing or malformed one fails before the model is loaded.
         self.train_prompts = train_prompts or load_prompts(config.train.prompts)
         self.eval_prompts = load_prompts(config.eval.prompts)
-        self.policy = policy or build_policy(config.model)
+        if policy is None:
+            model_config = copy.copy(config.model)
+            if config.model.device != "cpu" and self.world > 1:
+                model_config.device = str(self.accelerator.device)  # each rank on its own GPU
+            policy = build_policy(model_config)
+        self.policy = policy
+        self.device = torch.device(getattr(policy, "device", "cpu"))
         self.num_steps = config.model.num_steps
         self.schedule = self.policy.schedule(self.num_steps)
         self.method = Method(config.method, self.num_steps)
@@ -64,25 +93,37 @@ class Trainer:
         # A reward that raises (e.g. a remote scorer timing out) is retried before the run fails.
         self.rewards = with_retries(build_rewards(names, config.reward.options), config.reward.retries,
                                     config.reward.retry_delay)
-        self.params = [p for p in self.policy.trainable_parameters() if p.requires_grad]
-        if not self.params:
+        if not any(p.requires_grad for p in self.policy.trainable_parameters()):
             raise ConfigError("the policy has no trainable parameters")
         o = config.optim
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        warmup = max(o.warmup_iterations * o.minibatches * o.epochs, 0)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda n: min(1.0, (n + 1) / warmup) if warmup else 1.0)
         self.reference = None
         if o.kl_coef > 0:
             # The KL reference is the starting model: with LoRA the same network with adapters off,
-            # else a frozen copy taken now (cheap for the embedded model).
+            # else a frozen copy taken now (cheap for the embedded model), before any wrapping.
             if config.model.lora_rank > 0:
                 self.reference = BaseModelView(self.policy)
             else:
                 self.reference = copy.deepcopy(self.policy)
                 for p in self.reference.trainable_parameters():
                     p.requires_grad_(False)
-        self.generator = torch.Generator().manual_seed(config.train.seed)
+        # One prepare call for model and optimiser (DeepSpeed needs both; DDP wraps the module).
+        if self._sharded():
+            self._prepare_sharded()
+        module = self.policy.trainable_module()
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=o.lr,
+                                      betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(module, optimizer)
+        attach_wrapped(self.policy, self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP may replace them
+        if self.world > 1:
+            torch.manual_seed(config.train.seed + self.rank)  # each rank its own torch stream from here
+        warmup = max(o.warmup_iterations * o.minibatches * o.epochs, 0)
+        # Not prepared: accelerate's scheduler wrapper steps once per process, and the schedule
+        # should not depend on the number of processes.
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda n: min(1.0, (n + 1) / warmup) if warmup else 1.0)
+        self.generator = torch.Generator().manual_seed(config.train.seed)  # shared: same draws on every rank
+        self.memory = PeakMemory(self.device)
         self.iteration = 0
         self.elapsed = 0.0
         self.total_calls = 0
@@ -94,16 +135,18 @@ class Trainer:
         self.signals = StopSignals(lambda: f"finishing iteration {self.iteration + 1}, then checkpointing")
 
     def _stop_requested(self) -> bool:
-        """Whether a SIGINT / SIGTERM asked this run to stop (checked between iterations)."""
-        return self.signals.requested
+        """Whether a SIGINT / SIGTERM asked this run to stop (checked between iterations). A request
+        seen by any rank stops them all after the same iteration (else they hang in a collective)."""
+        return any_rank(self.accelerator, self.signals.requested)
 
     def _stop(self) -> None:
         """Checkpoint the finished iterations and raise TrainingStopped (exit code and message in it)."""
-        assert self.signals.signum is not None
+        # A rank that did not get the signal itself stops because another did (any_rank): say SIGTERM.
+        signum = self.signals.signum if self.signals.signum is not None else int(signal.SIGTERM)
         if self.last_checkpoint != self.iteration:
             self._checkpoint(final=True)
         self.logger.finish()
-        raise TrainingStopped(self.signals.signum, self.iteration, str(self.out))
+        raise TrainingStopped(signum, self.iteration, str(self.out))
 
     # ------------------------------------------------------------------ run
     def train(self) -> dict[str, Any]:
@@ -114,20 +157,24 @@ class Trainer:
 
     def _train(self) -> dict[str, Any]:
         c = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
         resumed = self._maybe_resume()
-        save_config(c, self.out / "config.yaml")
-        self.logger = RunLogger(self.out, c.log.trackers, c.to_dict())
+        if self.is_main:
+            save_config(c, self.out / "config.yaml")
+        self.logger = RunLogger(self.out, c.log.trackers, c.to_dict(), is_main_process=self.is_main)
         if not resumed:
-            (self.out / "metrics.jsonl").write_text("")
+            if self.is_main:
+                (self.out / "metrics.jsonl").write_text("")
             self.base_eval = self._evaluate(tag="start")
             self._log({"iteration": 0, "wall_seconds": 0.0, "model_calls/total": 0,
                        **{f"eval/{k}": v for k, v in self.base_eval.items()}})
         # Progress bar on a terminal only (disable=None), quiet in logs and CI.
         budgeted = c.train.max_seconds or c.train.max_model_calls  # then the iteration count is open
         total = None if budgeted else c.train.iterations
-        bar = tqdm(total=total, initial=self.iteration, desc="train", disable=None if c.train.progress else True,
-                   dynamic_ncols=True)
+        bar = tqdm(total=total, initial=self.iteration, desc="train",
+                   disable=None if c.train.progress and self.is_main else True, dynamic_ncols=True)
         last_eval = None
         while self.iteration < c.train.iterations and not self._budget_spent():
             if self._stop_requested():
@@ -135,9 +182,12 @@ class Trainer:
                 self._stop()
             start = time.perf_counter()
             record = self.step()
-            self.elapsed += time.perf_counter() - start
+            # The slowest rank's time, so every rank takes the same budget decision (else they hang).
+            self.elapsed += max_over_ranks(self.accelerator, time.perf_counter() - start)
             self.iteration += 1
             record = {"iteration": self.iteration, "wall_seconds": round(self.elapsed, 3), **record}
+            # Every stop decision must agree across ranks or they hang in the next collective: the
+            # budget uses the slowest rank's time and summed calls; signals go through any_rank.
             final = self.iteration == c.train.iterations or self._budget_spent()
             if final or (c.eval.every and self.iteration % c.eval.every == 0):
                 last_eval = self._evaluate(tag=f"iter_{self.iteration:06d}")
@@ -155,8 +205,10 @@ class Trainer:
         summary = {"iterations": self.iteration, "wall_seconds": round(self.elapsed, 3),
                    "model_calls": self.total_calls, "checkpoint_failures": self.checkpoint_failures,
                    "base": self.base_eval, "final": last_eval}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.logger.finish()
+        self.accelerator.wait_for_everyone()
         return summary
 
     def _budget_spent(self) -> bool:
@@ -167,11 +219,18 @@ class Trainer:
     # ------------------------------------------------------------------ one iteration
     def step(self) -> dict[str, float]:
         c, g = self.config, self.generator
-        prompts = self._pick_prompts()
+        self.memory.reset()
+        # Shared draws (identical on every rank): all prompts, the tree shape, one seed per prompt.
+        all_prompts = self._pick_prompts()
         shape = self.method.shape_for(self.iteration, g)
+        seeds = torch.randint(0, 2**62, (len(all_prompts),), generator=g).tolist()
+        own = shard_slice(len(all_prompts), self.rank, self.world)
+        prompts = all_prompts[own]
+        # Per-prompt streams: a prompt's noise and minibatch split do not depend on which rank grows it.
+        streams = [torch.Generator().manual_seed(s) for s in seeds[own]]
         cond = self.policy.encode_prompts(prompts)
         tree = rollout(self.policy, prompts, shape, num_steps=self.num_steps, sampler=self.method.sampler,
-                       generator=g, max_batch=c.train.max_batch, cond=cond)
+                       generator=streams, max_batch=c.train.max_batch, cond=cond)
         # Rewards on the decoded leaves; non-finite scores are masked out of statistics and training.
         images = decode_chunked(self.policy, tree.leaves, c.train.max_batch)
         leaf_prompts = [prompts[int(i)] for i in tree.leaf_prompt]
@@ -180,30 +239,40 @@ class Trainer:
         rule = self.method.advantage_rule
         edge_adv = tree_advantages(tree, scores, weights=c.reward.weights, rule=rule.backup,  # type: ignore[arg-type]
                                    temperature=rule.temperature, per_depth=rule.per_depth, unbiased=rule.unbiased,
-                                   global_std=rule.global_std, mask=finite)
+                                   global_std=rule.global_std, mask=finite,
+                                   sum_over_ranks=lambda t: all_sum(self.accelerator, t))
         batch = trained_edges(tree, edge_adv)
-        self.tree_record = record_tree(tree, edge_adv, images, scores, prompts, self.iteration + 1, c.reward.weights,
-                                       thumbnail_size=c.log.tree_thumbnail)
+        if self.is_main:  # the main rank owns the iteration's first prompt
+            self.tree_record = record_tree(tree, edge_adv, images, scores, prompts, self.iteration + 1,
+                                           c.reward.weights, thumbnail_size=c.log.tree_thumbnail)
+        n_finite = float(finite.sum())
         record: dict[str, float] = {
             "window_start": float(shape.trained_steps[0]) if shape.trained_steps else -1.0,
             "leaves": float(tree.leaves.shape[0]),
             "nonfinite_rewards": float((~finite).sum()),
             "train/advantage_abs_mean": float(batch.advantage.abs().mean()),
         }
+        weights = {"train/advantage_abs_mean": float(batch.num_edges)}  # how ranks' means combine
         weighted = sum(c.reward.weights[n] * torch.nan_to_num(s) for n, s in scores.items())
         record["train/reward_mean"] = float(weighted[finite].mean()) if finite.any() else float("nan")
+        weights["train/reward_mean"] = n_finite
         for name, s in scores.items():
             record[f"train/{name}_mean"] = float(s[finite].mean()) if finite.any() else float("nan")
             record[f"train/{name}_std"] = float(s[finite].std(unbiased=False)) if finite.any() else float("nan")
+            weights[f"train/{name}_mean"] = weights[f"train/{name}_std"] = n_finite
         train_calls = 0
-        if finite.any():
-            stats, train_calls = self._update(batch, cond)
+        # One decision for all ranks: a rank whose leaves are all masked still trains (its
+        # advantages are 0), as one process holding all prompts would.
+        if any_rank(self.accelerator, bool(finite.any())):
+            stats, train_calls = self._update(batch, cond, streams)
             record.update(stats)
         record["model_calls/rollout"] = float(tree.num_model_calls)
         record["model_calls/train"] = float(train_calls)
-        self.total_calls += tree.num_model_calls + train_calls
-        record["model_calls/total"] = float(self.total_calls)
         record["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        record.update(self.memory.metrics())
+        record = reduce_metrics(self.accelerator, record, weights)
+        self.total_calls += int(record["model_calls/rollout"] + record["model_calls/train"])
+        record["model_calls/total"] = float(self.total_calls)
         return record
 
     def _pick_prompts(self) -> list[str]:
@@ -239,9 +308,11 @@ class Trainer:
         size = self.config.train.max_batch
         return [batch.select_nodes(torch.arange(s, min(s + size, batch.num_nodes))) for s in range(0, batch.num_nodes, size)]
 
-    def _update(self, batch: EdgeBatch, cond: Any) -> tuple[dict[str, float], int]:
+    def _update(self, batch: EdgeBatch, cond: Any, streams: list[torch.Generator]) -> tuple[dict[str, float], int]:
         o = self.config.optim
-        minibatches = batch.minibatches(o.minibatches, self.generator)
+        # Per-prompt splits: every rank's minibatch j holds the same number of nodes, so DDP's mean
+        # of the ranks' gradients equals the one-process gradient of the union.
+        minibatches = batch.minibatches_per_prompt(o.minibatches, streams)
         calls = 0
         if o.recompute_old_log_probs:
             # theta_old = the current parameters, evaluated in exactly the training layout (outputs
@@ -250,30 +321,37 @@ class Trainer:
                 for mb in minibatches:
                     mb.old_log_prob = torch.cat([self._edge_log_probs(ch, cond)[0] for ch in self._chunks(mb)])
                     calls += mb.num_nodes
-        totals: dict[str, list[float]] = {}
+        # (value, weight) per chunk: chunk means weighted by their nodes, so the diagnostics do not
+        # depend on how nodes fall into chunks (max_batch, number of processes).
+        totals: dict[str, list[tuple[float, float]]] = {}
         for _ in range(o.epochs):
             for mb in minibatches:
                 self.optimizer.zero_grad(set_to_none=True)
-                for chunk in self._chunks(mb):
-                    log_prob, kl = self._edge_log_probs(chunk, cond, with_reference=o.kl_coef > 0)
-                    out = policy_loss(log_prob, chunk.old_log_prob, chunk.advantage, chunk.edge_node, chunk.num_nodes,
-                                      clip_range=o.clip_range, adv_clip=o.adv_clip, kl=kl, kl_coef=o.kl_coef)
-                    (out.loss * chunk.num_nodes / mb.num_nodes).backward()
+                chunks = self._chunks(mb)
+                for n, chunk in enumerate(chunks):
+                    # Gradients are all-reduced once per minibatch: on its last chunk only.
+                    sync = n == len(chunks) - 1
+                    with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
+                        log_prob, kl = self._edge_log_probs(chunk, cond, with_reference=o.kl_coef > 0)
+                        out = policy_loss(log_prob, chunk.old_log_prob, chunk.advantage, chunk.edge_node,
+                                          chunk.num_nodes, clip_range=o.clip_range, adv_clip=o.adv_clip, kl=kl,
+                                          kl_coef=o.kl_coef)
+                        self.accelerator.backward(out.loss * chunk.num_nodes / mb.num_nodes)
                     calls += chunk.num_nodes
                     for k, v in out.stats.items():
-                        totals.setdefault(k, []).append(v)
+                        totals.setdefault(k, []).append((v, chunk.num_nodes))
                     if "first_ratio_dev" not in totals:  # on-policy check: 0 when old log-probs match
-                        totals["first_ratio_dev"] = [max(abs(out.stats["ratio_min"] - 1), abs(out.stats["ratio_max"] - 1))]
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip)
-                totals.setdefault("grad_norm", []).append(float(grad_norm))
+                        totals["first_ratio_dev"] = [(max(abs(out.stats["ratio_min"] - 1), abs(out.stats["ratio_max"] - 1)), 1)]
+                grad_norm = self.accelerator.clip_grad_norm_(self.params, o.grad_clip)
+                totals.setdefault("grad_norm", []).append((float(grad_norm), 1))
                 if not math.isfinite(float(grad_norm)):
                     raise FloatingPointError("non-finite gradient; lower optim.lr or check the rewards")
                 self.optimizer.step()
                 self.lr_schedule.step()
-        stats = {f"train/{k}": sum(v) / len(v) for k, v in totals.items()}
+        stats = {f"train/{k}": sum(v * w for v, w in vw) / sum(w for _, w in vw) for k, vw in totals.items()}
         if "train/ratio_min" in stats:
-            stats["train/ratio_min"] = min(totals["ratio_min"])
-            stats["train/ratio_max"] = max(totals["ratio_max"])
+            stats["train/ratio_min"] = min(v for v, _ in totals["ratio_min"])
+            stats["train/ratio_max"] = max(v for v, _ in totals["ratio_max"])
         return stats, calls
 
     # ------------------------------------------------------------------ eval, logs, checkpoints
@@ -284,47 +362,106 @@ class Trainer:
         return sorted(order.tolist())
 
     def _evaluate(self, tag: str) -> dict[str, float]:
+        """Held-out evaluation, prompts sharded over ranks (padded to equal shards: sharded models'
+        forwards are collective); per-image scores and the grid's images are gathered, so every rank
+        returns the same metrics, and the main process writes the grid."""
         c = self.config
         eval_rewards = {n: self.rewards[n] for n in c.reward.eval}
-        metrics, images = evaluate(self.policy, self.eval_prompts, self.eval_seeds, eval_rewards, self.num_steps,
-                                   c.train.max_batch, shapes_accuracy=c.model.family == "shapes")
+        local, real = padded_shard(self.eval_prompts, self.rank, self.world)
+        per_image, images = evaluate_per_image(self.policy, local, self.eval_seeds, eval_rewards, self.num_steps,
+                                               c.train.max_batch, shapes_accuracy=c.model.family == "shapes")
+        num_seeds = len(self.eval_seeds)
+        per_image = {k: v[:real * num_seeds] for k, v in per_image.items()}
         # The grid: the same prompts (rows) and held-out seeds (columns) every time, taken from the
         # evaluation's own samples (prompt-major, so each row is one prompt's seeds).
-        per_prompt = images.view(len(self.eval_prompts), len(self.eval_seeds), *images.shape[1:])
-        images = per_prompt[self.grid_rows].flatten(0, 1)
-        grid = image_grid(images, len(self.grid_rows), len(self.eval_seeds))
-        save_image(grid, self.out / "samples" / f"{tag}.png")
-        self.logger.log_grid(tag, grid, self.iteration, [self.eval_prompts[i] for i in self.grid_rows], self.eval_seeds)
-        start = self.out / "samples" / "start.png"
-        if tag != "start" and start.is_file():
-            from PIL import Image
+        first = shard_slice(len(self.eval_prompts), self.rank, self.world).start
+        rows = [i - first for i in self.grid_rows if first <= i < first + real]
+        grid_images = images.view(len(local), num_seeds, *images.shape[1:])[rows].flatten(0, 1)
+        if self.world > 1:
+            from accelerate.utils import gather_object
 
-            save_image(side_by_side(Image.open(start).convert("RGB"), grid), self.out / "samples" / "start_vs_latest.png")
+            parts = gather_object([(per_image, grid_images)])  # rank order = prompt order
+            per_image = {k: torch.cat([part[0][k] for part in parts]) for k in per_image}
+            grid_images = torch.cat([part[1] for part in parts])
+        metrics = summarize_eval(per_image)
+        if self.is_main:
+            grid = image_grid(grid_images, len(self.grid_rows), num_seeds)
+            save_image(grid, self.out / "samples" / f"{tag}.png")
+            self.logger.log_grid(tag, grid, self.iteration, [self.eval_prompts[i] for i in self.grid_rows],
+                                 self.eval_seeds)
+            start = self.out / "samples" / "start.png"
+            if tag != "start" and start.is_file():
+                from PIL import Image
+
+                save_image(side_by_side(Image.open(start).convert("RGB"), grid), self.out / "samples" / "start_vs_latest.png")
         return metrics
 
     def _log(self, record: dict[str, Any]) -> None:
         self.logger.log(record)
 
+    def _rng_state(self) -> dict[str, Any]:
+        """This rank's random state: torch's CPU (and CUDA) generators and the shared generator."""
+        state: dict[str, Any] = {"torch": torch.get_rng_state().tolist(), "generator": self.generator.get_state().tolist()}
+        if torch.cuda.is_available():
+            state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        return state
+
+    def _sharded(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    def _prepare_sharded(self) -> None:
+        """FSDP / DeepSpeed: untested here (no GPU, no deepspeed in CI); say so, and give DeepSpeed the
+        micro-batch size it insists on when there is no dataloader."""
+        if self.is_main:
+            warnings.warn(f"{self.accelerator.distributed_type.value} is untested with treegrpo (DDP is tested); "
+                          "checkpoints will not hold the sharded optimiser state")
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+
     def _checkpoint(self, final: bool = False) -> None:
-        """Write a checkpoint. A failed write (disk full...) leaves the previous checkpoint valid: the
-        run warns and tries again at the next checkpoint, but a failed final checkpoint is an error."""
+        """Write a checkpoint: every rank takes part (RNG states are gathered, sharded weights too),
+        the main process writes. A failed write (disk full...) leaves the previous checkpoint valid:
+        the run warns and tries again at the next checkpoint, but a failed final checkpoint is an error."""
+        from accelerate.utils import gather_object
+
+        rng = gather_object([self._rng_state()]) if self.world > 1 else [self._rng_state()]
+        weights = trainable_state_dict(self.policy)  # the unwrapped module's trainable entries
+        optimizer_state: dict[str, Any] | None = self.optimizer.state_dict()
+        if self._sharded():
+            # FSDP / ZeRO hold shards: gather full weights; their optimiser shards are not saved.
+            full = self.accelerator.get_state_dict(self.model)
+            weights = {k: full[k] for k in weights if k in full}
+            optimizer_state = None
+            if self.is_main:
+                warnings.warn("FSDP / DeepSpeed: the checkpoint holds the full trainable weights but not the sharded "
+                              "optimiser state; a resume restarts AdamW's moments (untested path)")
         state = {"iteration": self.iteration, "wall_seconds": self.elapsed, "model_calls": self.total_calls,
-                 "generator": self.generator.get_state().tolist(), "torch_rng": torch.get_rng_state().tolist(),
+                 "world_size": self.world, "rng": rng, "window_schedule": self.method.state_dict(),
                  "lr_schedule": self.lr_schedule.state_dict(), "base_eval": self.base_eval,
                  "checkpoint_failures": self.checkpoint_failures}
-        try:
-            save_checkpoint(self.out, self.iteration, trainable_state_dict(self.policy), self.optimizer.state_dict(),
-                            state, keep=self.config.train.keep_checkpoints)
-            if self.config.model.lora_rank > 0 and hasattr(self.policy, "save_lora_weights"):
-                # The LoRA result in diffusers' format (pipe.load_lora_weights(RUN_DIR/lora)); written
-                # atomically by the policy, which holds the unwrapped module.
-                self.policy.save_lora_weights(self.out / "lora")
-        except (CheckpointWriteError, OSError) as err:
+        error: Exception | None = None
+        if self.is_main:
+            try:
+                save_checkpoint(self.out, self.iteration, weights, optimizer_state, state,
+                                keep=self.config.train.keep_checkpoints)
+                if self.config.model.lora_rank > 0 and hasattr(self.policy, "save_lora_weights"):
+                    # The LoRA result in diffusers' format (pipe.load_lora_weights(RUN_DIR/lora)); written
+                    # atomically by the policy, which holds the unwrapped module.
+                    self.policy.save_lora_weights(self.out / "lora")
+            except (CheckpointWriteError, OSError) as err:
+                error = err
+        # Every rank learns the outcome, so all of them go on (or stop) together.
+        if any_rank(self.accelerator, error is not None):
             self.checkpoint_failures += 1
+            reason = str(error) if error is not None else "the main process could not write the checkpoint"
             if final:
-                raise CheckpointWriteError(f"the final checkpoint could not be written: {err}. Free space and rerun "
-                                           f"the same command to continue from the last valid checkpoint") from err
-            print(f"treegrpo: warning: {err}; training goes on and retries at the next checkpoint", file=sys.stderr)
+                raise CheckpointWriteError(f"the final checkpoint could not be written: {reason}. Free space and rerun "
+                                           f"the same command to continue from the last valid checkpoint") from error
+            if self.is_main:
+                print(f"treegrpo: warning: {reason}; training goes on and retries at the next checkpoint", file=sys.stderr)
             return
         self.last_checkpoint = self.iteration
 
@@ -338,14 +475,28 @@ class Trainer:
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
         self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
-        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        self.method.load_state_dict(state.get("window_schedule"))
+        rng = state.get("rng") or [{"torch": state["torch_rng"], "generator": state["generator"]}]
+        # The shared generator is the same on every rank, so any rank's copy serves.
+        self.generator.set_state(torch.tensor(rng[0]["generator"], dtype=torch.uint8))
+        if len(rng) == self.world:
+            own = rng[self.rank]
+            torch.set_rng_state(torch.tensor(own["torch"], dtype=torch.uint8))
+            if "cuda" in own and torch.cuda.is_available() and len(own["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in own["cuda"]])
+        elif self.is_main:
+            # Training draws come from the shared generator, so the run continues identically;
+            # only the per-process torch generators start fresh.
+            warnings.warn(f"checkpoint written by {len(rng)} processes, resumed on {self.world}: per-process torch "
+                          "RNG states are not restored (training noise comes from the shared generator)")
         self.iteration, self.elapsed, self.total_calls = state["iteration"], state["wall_seconds"], state["model_calls"]
         self.base_eval = state.get("base_eval")
         self.checkpoint_failures = state.get("checkpoint_failures", 0)
         self.last_checkpoint = self.iteration
-        # Drop metrics written after the checkpoint (and a line cut short by a kill), so the log
-        # matches an uninterrupted run.
-        truncate_metrics(self.out / "metrics.jsonl", self.iteration)
-        print(f"resuming {self.out} from {ckpt.name} (iteration {self.iteration})")
+        if self.is_main:
+            # Drop metrics written after the checkpoint (and a line cut short by a kill), so the log
+            # matches an uninterrupted run.
+            truncate_metrics(self.out / "metrics.jsonl", self.iteration)
+            print(f"resuming {self.out} from {ckpt.name} (iteration {self.iteration})")
+        self.accelerator.wait_for_everyone()
         return True

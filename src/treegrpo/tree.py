@@ -300,6 +300,21 @@ class EdgeBatch:
         order = torch.randperm(self.num_nodes, generator=generator)
         return [self.select_nodes(part) for part in order.chunk(num_minibatches) if part.numel() > 0]
 
+    def minibatches_per_prompt(self, num_minibatches: int, generators: list[torch.Generator]) -> list[EdgeBatch]:
+        """Split each prompt's nodes on its own (shuffled by `generators[p]`) into `num_minibatches`
+        parts; minibatch j joins part j of every prompt. A prompt's split then does not depend on
+        the other prompts, so ranks owning different prompts build the same minibatches one
+        process would (and equal-sized ones: every prompt has the same tree shape)."""
+        parts: list[list[torch.Tensor]] = []
+        for p, g in enumerate(generators):
+            nodes = torch.nonzero(self.prompt == p).squeeze(1)
+            chunks = [c for c in nodes[torch.randperm(nodes.shape[0], generator=g)].chunk(num_minibatches) if c.numel()]
+            parts.append(chunks)
+        count = min((len(c) for c in parts), default=0)
+        if any(len(c) != count for c in parts):
+            raise ValueError("prompts have different numbers of trained nodes; per-prompt minibatches need equal trees")
+        return [self.select_nodes(torch.cat([c[j] for c in parts])) for j in range(count)]
+
 
 def trained_edges(tree: Tree, edge_advantages: list[torch.Tensor | None]) -> EdgeBatch:
     """Gather every trained node and its child edges; edge_advantages[i]: [N_i] for the edge into

@@ -30,6 +30,17 @@ class GaussianPolicy(torch.nn.Module):
         self.gain = torch.nn.Parameter(torch.tensor(1.0))
         self._sigmas = sigmas
         self.calls = 0  # model evaluations (rows), counted to check the rollout's accounting
+        self._wrapped: list[torch.nn.Module] = []  # a list, so a DDP wrapper of self is no submodule
+
+    def use_wrapped_module(self, wrapped: torch.nn.Module | None) -> None:
+        """Compute through `wrapped` (DDP around this module) so gradients synchronise."""
+        self._wrapped = [] if wrapped is None or wrapped is self else [wrapped]
+
+    def forward(self, x: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        sigma = times.float().view(-1, *([1] * (x.ndim - 1)))
+        s2 = self.data_std**2
+        coef = (sigma - (1 - sigma) * s2) / ((1 - sigma) ** 2 * s2 + sigma**2)
+        return self.gain * coef * x
 
     def schedule(self, num_steps: int) -> Schedule:
         sigmas = linear_sigmas(num_steps) if self._sigmas is None else self._sigmas
@@ -42,10 +53,7 @@ class GaussianPolicy(torch.nn.Module):
 
     def predict(self, x: torch.Tensor, times: torch.Tensor, cond: object, prompt_index: torch.Tensor) -> torch.Tensor:
         self.calls += x.shape[0]
-        sigma = times.float().view(-1, *([1] * (x.ndim - 1)))
-        s2 = self.data_std**2
-        coef = (sigma - (1 - sigma) * s2) / ((1 - sigma) ** 2 * s2 + sigma**2)
-        return self.gain * coef * x
+        return (self._wrapped[0] if self._wrapped else self)(x, times)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -62,6 +62,21 @@ class Policy(Protocol):
     def trainable_module(self) -> torch.nn.Module:
         """The module holding the trainable parameters (checkpoints save its trainable entries)."""
 
+    # Multi-process training also needs `use_wrapped_module(wrapped: nn.Module | None)`: from then on
+    # `predict` must call `wrapped` (DDP / FSDP around `trainable_module()`) instead of the bare
+    # module, so gradients synchronise. Optional for single-process use (see `attach_wrapped`).
+
+
+def attach_wrapped(policy: Policy, wrapped: torch.nn.Module) -> None:
+    """Make `policy.predict` go through `wrapped` (what accelerate's prepare returned for its
+    trainable module). Raises a clear error for a policy without the hook when a wrapper exists."""
+    hook = getattr(policy, "use_wrapped_module", None)
+    if hook is not None:
+        hook(wrapped)
+    elif wrapped is not policy.trainable_module():
+        raise TypeError(f"{type(policy).__name__} has no use_wrapped_module(wrapped) method, so it cannot train "
+                        "with several processes (DDP / FSDP); add one that makes predict call the wrapped module")
+
 
 def trainable_state_dict(policy: Policy) -> dict[str, torch.Tensor]:
     """Named trainable parameters of a policy (those that require grad: LoRA weights when adapters

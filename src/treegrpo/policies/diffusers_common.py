@@ -76,11 +76,21 @@ class DiffusersPolicy:
         if gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
         self.lora_config: Any = None
+        self._wrapped: torch.nn.Module | None = None  # DDP / FSDP around the denoiser, when training on many processes
 
     # ------------------------------------------------------------------ pieces
     @property
     def denoiser(self) -> torch.nn.Module:
         return getattr(self.pipe, self.denoiser_name)
+
+    @property
+    def denoiser_call(self) -> torch.nn.Module:
+        """What forwards go through: the wrapper from accelerate's prepare (so gradients
+        synchronise across processes) or, in one process, the denoiser itself."""
+        return self._wrapped if self._wrapped is not None else self.denoiser
+
+    def use_wrapped_module(self, wrapped: torch.nn.Module | None) -> None:
+        self._wrapped = None if wrapped is self.denoiser else wrapped
 
     @property
     def device(self) -> torch.device:

@@ -63,7 +63,7 @@ class FluxPolicy(DiffusersPolicy):
         if self.denoiser.config.guidance_embeds:
             guidance = torch.full((x.shape[0],), self.embedded_guidance, device=x.device, dtype=torch.float32)
         # The pipeline casts the timestep to the latent dtype before dividing by 1000; same here.
-        return self.denoiser(hidden_states=x, timestep=t.to(x.dtype) / 1000, guidance=guidance,
+        return self.denoiser_call(hidden_states=x, timestep=t.to(x.dtype) / 1000, guidance=guidance,
                              txt_ids=shared["txt_ids"], img_ids=self.image_ids.to(x.device, x.dtype),
                              return_dict=False, **embeds)[0]
 

@@ -56,7 +56,7 @@ class SD15Policy(DiffusersPolicy):
         return PromptEmbeds({"encoder_hidden_states": pe}, {"encoder_hidden_states": npe} if self.do_cfg else None)
 
     def _denoise(self, x, t, embeds, shared):
-        return self.denoiser(x, t.long(), return_dict=False, **embeds)[0]
+        return self.denoiser_call(x, t.long(), return_dict=False, **embeds)[0]
 
     def _model_output_to_engine(self, out: torch.Tensor, x: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "epsilon":

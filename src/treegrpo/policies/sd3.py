@@ -48,7 +48,7 @@ class SD3Policy(DiffusersPolicy):
 
     def _denoise(self, x, t, embeds, shared):
         # float32 timesteps, as the pipeline passes them (bf16 would round 960.1 to 960)
-        return self.denoiser(hidden_states=x, timestep=t, return_dict=False, **embeds)[0]
+        return self.denoiser_call(hidden_states=x, timestep=t, return_dict=False, **embeds)[0]
 
     def _to_vae(self, x: torch.Tensor) -> torch.Tensor:
         config = self.pipe.vae.config

@@ -154,6 +154,7 @@ class ShapesPolicy:
         self.unet.eval()
         self.guidance_scale = float(guidance_scale)
         self.shift = float(shift)
+        self._unet_call: torch.nn.Module | None = None  # the UNet as wrapped for training (DDP), if any
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
@@ -214,6 +215,11 @@ class ShapesPolicy:
                    "patch": PATCH, "max_length": MAX_LENGTH, **(extra or {})}
         (path / POLICY_CONFIG).write_text(json.dumps(options, indent=2) + "\n")
 
+    def use_wrapped_module(self, wrapped: torch.nn.Module | None) -> None:
+        """Run the UNet through `wrapped` (e.g. DDP around `self.unet`, from accelerate's prepare)
+        so its forwards take part in gradient synchronisation; None = the plain UNet."""
+        self._unet_call = wrapped
+
     def to(self, device: torch.device | str) -> "ShapesPolicy":
         self.unet.to(device)
         self.text_encoder.to(device)
@@ -257,7 +263,8 @@ class ShapesPolicy:
         """Raw UNet velocity: x [B, 3, 16, 16], times [B] sigma in [0, 1], context [B, L, D] -> [B, 3, 16, 16]."""
         h = F.pixel_unshuffle(x, PATCH)  # [B, 12, 8, 8]
         t = (times.to(device=x.device, dtype=x.dtype) * TIME_SCALE).reshape(-1).expand(x.shape[0])
-        out = self.unet(h, t, encoder_hidden_states=context.to(x.dtype)).sample
+        unet = self._unet_call if self._unet_call is not None else self.unet
+        out = unet(h, t, encoder_hidden_states=context.to(x.dtype)).sample
         return F.pixel_shuffle(out, PATCH)
 
     def predict(self, x: torch.Tensor, times: torch.Tensor, cond: ShapesCond, prompt_index: torch.Tensor,
