@@ -187,3 +187,46 @@ def test_shards_cover_everything_once_and_pad_to_equal_sizes():
     check_divisible(8, 4)
     with pytest.raises(ConfigError, match="not divisible by the 3 processes.*e.g. 6 or 9"):
         check_divisible(8, 3)
+
+
+def test_two_processes_train_a_diffusers_lora_like_one_process(tmp_path):
+    """The diffusers policies forward through the DDP wrapper (use_wrapped_module): LoRA on a tiny
+    random SD3 pipeline, 2 processes vs 1 after one iteration, and the LoRA export written once."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny_clip import save_tiny_clip
+    from tiny_pipelines import tiny_sd3
+
+    tiny_sd3().save_pretrained(tmp_path / "pipe")
+    save_tiny_clip(tmp_path / "clip")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\na green tree\na small house\n")
+    config = tmp_path / "sd3.yaml"
+    # max_batch 3: several chunks per minibatch, so gradients accumulate under no_sync first.
+    config.write_text(f"""
+model: {{family: auto, pretrained: {tmp_path / 'pipe'}, resolution: 32, num_steps: 4, guidance_scale: 4.5,
+        lora_rank: 2, lora_alpha: 2}}
+method: {{k: 2, window: 2}}
+reward: {{weights: {{clipscore: 1.0}}, eval: [clipscore], options: {{clipscore: {{model: {tmp_path / 'clip'}}}}}}}
+optim: {{lr: 1.0e-2, clip_range: 0.2, kl_coef: 0.1}}
+train: {{prompts: {prompts}, iterations: 1, prompts_per_iteration: 4, max_batch: 3, progress: false}}
+eval: {{prompts: {prompts}, num_seeds: 1, every: 0, grid_prompts: 2}}
+log: {{trackers: [], tree_every: 0}}
+""")
+    result = _launch([str(config), "--output-dir", str(tmp_path / "two")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.set_num_threads(1)
+    assert main(["train", str(config), "--output-dir", str(tmp_path / "one"), "--quiet"]) == 0
+    one, two = _weights(tmp_path / "one", 1), _weights(tmp_path / "two", 1)
+    assert set(one) == set(two) and all("lora" in k for k in one)
+    from treegrpo.config import load_config
+    from treegrpo.policies import build_policy
+
+    torch.manual_seed(0)  # the trainer's seed before it builds the policy: the same LoRA init
+    start = {k: v.detach() for k, v in build_policy(load_config(config).model).trainable_module().named_parameters()
+             if v.requires_grad}
+    diff = torch.cat([(one[k] - two[k]).flatten() for k in one])
+    moved = torch.cat([(one[k] - start[k]).flatten() for k in one])
+    print(f"max |one - two| {float(diff.abs().max()):.2e}, relative L2 {float(diff.norm() / moved.norm()):.2e}")
+    assert float(moved.abs().max()) > 1e-3  # a real step (lr 1e-2)
+    assert float(diff.norm() / moved.norm()) < 1e-3  # without the gradient sync this is ~1
+    assert (tmp_path / "two" / "lora").is_dir() and not list((tmp_path / "two").glob(".tmp*"))
