@@ -131,6 +131,51 @@ def test_adapters_off_is_the_base_model():
         torch.testing.assert_close(BaseModelView(policy).predict(x, times, cond, index), base, rtol=0, atol=1e-6)
 
 
+def test_full_fine_tuning_reference_copies_only_the_denoiser():
+    """The KL reference of full fine-tuning: a frozen denoiser copy behind the same text encoders and
+    VAE; it predicts what the policy did before training and stays put when the policy moves."""
+    policy = treegrpo.load_policy(tiny_sd3(), **_options("sd3", 4.5))
+    x = torch.randn((2, *policy.latent_shape), generator=torch.Generator().manual_seed(7))
+    times, index = policy.schedule(T).times[:2], torch.zeros(2, dtype=torch.long)
+    cond = policy.encode_prompts([PROMPT])
+    reference = policy.frozen_copy()
+    assert reference.denoiser is not policy.denoiser and reference.pipe.text_encoder is policy.pipe.text_encoder
+    assert not any(p.requires_grad for p in reference.denoiser.parameters())
+    assert all(p.requires_grad for p in policy.denoiser.parameters())
+    with torch.no_grad():
+        base = policy.predict(x, times, cond, index)
+        torch.testing.assert_close(reference.predict(x, times, cond, index), base, rtol=0, atol=0)
+        for p in policy.trainable_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        assert (policy.predict(x, times, cond, index) - base).abs().max() > 1e-4
+        torch.testing.assert_close(reference.predict(x, times, cond, index), base, rtol=0, atol=0)
+
+
+def test_full_fine_tuning_trains_with_the_shared_pipeline_reference(tmp_path):
+    from tiny_clip import save_tiny_clip
+    from treegrpo.config import load_config
+    from treegrpo.trainer import Trainer
+
+    save_tiny_clip(tmp_path / "clip")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    # The policy is handed to the Trainer; model.pretrained only has to pass validation.
+    config = load_config(None, [
+        "model.family=sd3", "model.pretrained=unused", f"model.resolution={RESOLUTION}", f"model.num_steps={T}",
+        "method.k=2", "method.window=2", "reward.weights={clipscore: 1.0}", "reward.eval=[clipscore]",
+        f"reward.options={{clipscore: {{model: {tmp_path / 'clip'}}}}}", f"train.prompts={prompts}",
+        f"eval.prompts={prompts}", "eval.num_seeds=1", "train.iterations=1", "train.prompts_per_iteration=2",
+        "train.progress=false", "optim.kl_coef=0.1", "optim.clip_range=0.2", "log.trackers=[]"])
+    policy = treegrpo.load_policy(tiny_sd3(), resolution=RESOLUTION)
+    trainer = Trainer(config, tmp_path / "run", policy=policy)
+    assert trainer.reference.pipe is policy.pipe and trainer.reference.denoiser is not policy.denoiser
+    before = {n: p.detach().clone() for n, p in policy.denoiser.named_parameters()}
+    trainer.train()
+    after = dict(policy.denoiser.named_parameters())
+    assert any((after[n] - b).abs().max() > 0 for n, b in before.items())
+    assert all(torch.equal(p, before[n]) for n, p in trainer.reference.denoiser.named_parameters())
+
+
 def _grads(policy, x, times, cond, index):
     policy.trainable_module().zero_grad()
     out = policy.predict(x, times, cond, index)

@@ -102,6 +102,8 @@ class Trainer:
             # else a frozen copy taken now (cheap for the embedded model), before any wrapping.
             if config.model.lora_rank > 0:
                 self.reference = BaseModelView(self.policy)
+            elif hasattr(self.policy, "frozen_copy"):  # diffusers: copy the denoiser, share the rest
+                self.reference = self.policy.frozen_copy()
             else:
                 self.reference = copy.deepcopy(self.policy)
                 for p in self.reference.trainable_parameters():

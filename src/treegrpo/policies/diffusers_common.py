@@ -8,6 +8,8 @@ protocol of `policies.base`: float32 latents in, float32 guided predictions out.
 
 from __future__ import annotations
 
+import copy
+
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -81,7 +83,17 @@ class DiffusersPolicy:
     # ------------------------------------------------------------------ pieces
     @property
     def denoiser(self) -> torch.nn.Module:
-        return getattr(self.pipe, self.denoiser_name)
+        own = self.__dict__.get("_own_denoiser")  # set on a frozen_copy() only
+        return own if own is not None else getattr(self.pipe, self.denoiser_name)
+
+    def frozen_copy(self) -> "DiffusersPolicy":
+        """A frozen copy of the denoiser behind the same pipeline: the KL reference of full
+        fine-tuning. Text encoders and VAE are shared, not copied (a deepcopy of the policy would
+        copy the whole pipeline)."""
+        ref = copy.copy(self)
+        ref._own_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+        ref._wrapped = None
+        return ref
 
     @property
     def denoiser_call(self) -> torch.nn.Module:
