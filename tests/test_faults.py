@@ -390,3 +390,13 @@ def test_resume_refuses_overrides_that_change_the_training(tmp_path, capsys):
     shutil.copytree(run, empty)
     shutil.rmtree(empty / "checkpoints")
     assert "has no checkpoint yet" in _cli_error(["train", "--resume", str(empty), "--quiet"], capsys)
+
+
+def test_a_resumed_run_may_move_to_another_device_but_not_change_its_training(tmp_path):
+    from treegrpo.config import check_resume_config, load_config, save_config
+
+    stored = tmp_path / "config.yaml"
+    save_config(load_config(None, ["model.device=cpu"]), stored)
+    check_resume_config(stored, load_config(None, ["model.device=cuda", "train.iterations=90"]))
+    with pytest.raises(ConfigError, match="model.num_steps"):
+        check_resume_config(stored, load_config(None, ["model.num_steps=8"]))

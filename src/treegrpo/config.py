@@ -351,8 +351,9 @@ def validate_reward_options(options: dict[str, Any], known: list[str] | None = N
                                   f"{', '.join(valid) if valid else 'no options'}")
 
 
-# Keys a resumed run may change: how long it runs and what it logs, never what it computes per iteration.
-RESUME_MAY_CHANGE = ("train.iterations", "train.max_seconds", "train.max_model_calls", "train.checkpoint_every",
+# Keys a resumed run may change: how long it runs, what it logs and where it runs (a run moved to
+# another machine), never what it computes per iteration.
+RESUME_MAY_CHANGE = ("model.device", "train.iterations", "train.max_seconds", "train.max_model_calls", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.progress", "eval.every", "log.trackers", "log.tree_every",
                      "reward.retries", "reward.retry_delay")
 
