@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from treegrpo.advantages import tree_advantages
-from treegrpo.checkpoint import WEIGHTS, CheckpointWriteError, load_state, load_weights, resume_checkpoint, save_checkpoint
+from treegrpo.checkpoint import WEIGHTS, CheckpointError, CheckpointWriteError, load_state, load_weights, resume_checkpoint, save_checkpoint
 from treegrpo.config import Config, ConfigError, check_resume_config, save_config
 from treegrpo.distributed import (all_sum, any_rank, check_divisible, max_over_ranks, padded_shard, reduce_metrics,
                                   shard_slice)
@@ -467,8 +467,29 @@ class Trainer:
             return
         self.last_checkpoint = self.iteration
 
+    def _resume_point(self) -> Path | None:
+        """The verified checkpoint to resume from (a damaged newest one raises CheckpointError). The
+        main process verifies and tells the others: hashing a full model's checkpoint on every rank
+        would read it once per process."""
+        if self.world == 1:
+            return resume_checkpoint(self.out)
+        from accelerate.utils import broadcast_object_list
+
+        found: list[Any] = [None]
+        if self.is_main:
+            try:
+                ckpt = resume_checkpoint(self.out)
+                found = [("ok", None if ckpt is None else str(ckpt))]
+            except CheckpointError as err:
+                found = [("error", str(err))]
+        broadcast_object_list(found, from_process=0)
+        kind, value = found[0]
+        if kind == "error":
+            raise CheckpointError(value)
+        return None if value is None else Path(value)
+
     def _maybe_resume(self) -> bool:
-        ckpt = resume_checkpoint(self.out)  # verified; a damaged newest checkpoint raises CheckpointError
+        ckpt = self._resume_point()
         if ckpt is None:
             return False
         check_resume_config(self.out / "config.yaml", self.config)
