@@ -1,10 +1,10 @@
 """The `treegrpo` command: train, sample, eval, pretrain.
 
     treegrpo train [CONFIG.yaml] [section.key=value ...] [--output-dir DIR]
-    treegrpo sample --checkpoint {base|RUN_DIR|PATH} [--prompts all|FILE] [--seeds N] --out DIR
-    treegrpo eval --checkpoint {base|RUN_DIR|PATH} [--rewards a,b] [--prompts all|FILE] [--seeds N]
+    treegrpo sample --checkpoint {base|RUN_DIR|PATH} [--prompts heldout|train|FILE] [--seeds N] --out DIR
+    treegrpo eval --checkpoint {base|RUN_DIR|PATH} [--rewards a,b] [--prompts heldout|train|FILE] [--seeds N]
                   [--reward-option NAME:KEY=VALUE ...] [--images DIR] [--baseline BASE.json] [--out FILE.json]
-    treegrpo pretrain {shapes|classifier} [--out PATH] [--steps N] [--seed S]
+    treegrpo pretrain {compose|shapes|classifier} [--out PATH] [--steps N] [--seed S]
     treegrpo bench [--methods a,b] [--seeds 0 1 2] [--variant NAME:key=value,...] [--quick] [--out DIR]
     treegrpo report {RUN_DIR|BENCH_DIR} [--out FILE]
 """
@@ -28,11 +28,14 @@ def _resolve_policy(spec: str, guidance_scale: float | None = None):
     from treegrpo.config import load_config
     from treegrpo.policies import build_policy, load_policy, load_trainable_state_dict
 
-    if spec == "base":
-        return load_policy("base", "shapes", guidance_scale=guidance_scale), {"family": "shapes", "num_steps": 10}
+    if spec == "base":  # the embedded SD3 pipeline of the compositional world
+        return load_policy("base", guidance_scale=guidance_scale), {"family": "sd3", "num_steps": 10}
+    if spec == "shapes":
+        return load_policy("shapes", "shapes", guidance_scale=guidance_scale), {"family": "shapes", "num_steps": 10}
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {spec!r} does not exist (use 'base', a run directory or a checkpoint path)")
+        raise FileNotFoundError(f"checkpoint {spec!r} does not exist (use 'base', a run directory, a checkpoint path "
+                                "or a diffusers pipeline folder)")
     run_dir, ckpt = (path, latest_checkpoint(path)) if (path / "config.yaml").is_file() else (None, path)
     if run_dir is None and path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
         run_dir = path.parent.parent  # one checkpoint of a run: the run's model config applies
@@ -47,6 +50,9 @@ def _resolve_policy(spec: str, guidance_scale: float | None = None):
         return policy, {"family": config.model.family, "num_steps": config.model.num_steps, "checkpoint": str(ckpt)}
     if (path / "policy_config.json").is_file():  # a saved shapes model (e.g. from `pretrain shapes`)
         return load_policy(str(path), "shapes", guidance_scale=guidance_scale), {"family": "shapes", "num_steps": 10}
+    if (path / "model_index.json").is_file():  # a diffusers pipeline folder (e.g. from `pretrain compose`)
+        policy = load_policy(str(path), guidance_scale=guidance_scale)
+        return policy, {"family": getattr(policy, "family", "auto"), "num_steps": 10}
     policy = load_policy("base", "shapes", guidance_scale=guidance_scale)  # a bare checkpoint of the shapes model
     load_trainable_state_dict(policy, load_weights(path))
     return policy, {"family": "shapes", "num_steps": 10, "checkpoint": str(path)}
@@ -151,8 +157,10 @@ def parse_reward_options(config_path: str | None, flags: list[str]) -> dict[str,
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from treegrpo.evaluation import (evaluate, load_image_folder, normalized_scores, reward_statistics,
-                                     score_image_list)
+    import torch
+
+    from treegrpo.evaluation import (accuracy_kind, evaluate, load_image_folder, normalized_scores, reward_statistics,
+                                     score_image_list, summarize_eval, world_accuracy)
     from treegrpo.prompts import load_prompts
     from treegrpo.rewards import build_rewards
 
@@ -173,13 +181,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.images:
         images, prompts = load_image_folder(args.images)
         metrics = reward_statistics(score_image_list(images, prompts, rewards))
+        kind = accuracy_kind("", prompts)
+        if kind is not None and len({tuple(i.shape) for i in images}) == 1:
+            metrics.update(summarize_eval(world_accuracy(torch.stack(images), prompts, kind)))
         metrics["images"] = float(len(images))
     else:
         policy, info = _resolve_policy(args.checkpoint, args.guidance_scale)
         prompts = load_prompts(args.prompts)
         seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
         metrics, _ = evaluate(policy, prompts, seeds, rewards, args.steps or info["num_steps"],
-                              shapes_accuracy=info["family"] == "shapes", progress=not args.quiet, spread=True)
+                              accuracy=accuracy_kind(info["family"], prompts), progress=not args.quiet, spread=True)
         metrics["images"] = float(len(prompts) * len(seeds))
     if baseline is not None:
         normalized = normalized_scores(metrics, baseline)
@@ -195,7 +206,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    if args.what == "shapes":
+    if args.what == "compose":
+        from treegrpo.worlds.compose_pipeline import pretrain_compose
+
+        kwargs = {"denoiser_steps": args.steps} if args.steps else {}
+        result = pretrain_compose(args.out, seed=args.seed, progress=not args.quiet, **kwargs)
+    elif args.what == "shapes":
         from treegrpo.worlds.pretrain import pretrain_shapes
 
         kwargs = {"steps": args.steps} if args.steps else {}
@@ -243,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="treegrpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="RL-train a model (default: TreeGRPO on the embedded shapes model)")
+    train = sub.add_parser("train", help="RL-train a model (default: TreeGRPO on the embedded SD3 pipeline)")
     train.add_argument("config", nargs="?", help="YAML config (optional)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
     train.add_argument("--output-dir", help="run directory (default runs/METHOD-TIMESTAMP); an existing one resumes")
@@ -253,10 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     for name, func, helptext in (("sample", cmd_sample, "write ODE samples as PNGs with an index.jsonl"),
-                                 ("eval", cmd_eval, "mean rewards on held-out prompts and seeds (and shapes accuracies) as JSON")):
+                                 ("eval", cmd_eval, "mean rewards on held-out prompts and seeds (and the world's accuracies) as JSON")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--checkpoint", default="base", help="base, a run directory, or a checkpoint path")
-        p.add_argument("--prompts", default="all", help="all (54 shapes prompts) or a prompt file (.txt, .jsonl, .csv)")
+        p.add_argument("--checkpoint", default="base", help="base (the embedded SD3 pipeline), a run directory, a "
+                       "checkpoint path, or a diffusers pipeline folder")
+        p.add_argument("--prompts", default="heldout", help="heldout (300 held-out prompts of the compositional "
+                       "world), train (its 1,302 RL prompts), shapes (the old 54 shapes prompts) or a prompt file "
+                       "(.txt, .jsonl, .csv)")
         p.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
         p.add_argument("--seed-offset", type=int, default=1_000_000, help="first seed (held-out seeds by default)")
         p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the run's)")
@@ -265,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sample":
             p.add_argument("--out", required=True, help="output directory")
         else:
-            p.add_argument("--rewards", default="shapes,shape,color,background",
+            p.add_argument("--rewards", default="compose,compose_strict",
                            help="comma-separated reward names, e.g. hpsv2.1,imagereward,aesthetic,clipscore")
             p.add_argument("--reward-option", action="append", default=[], metavar="NAME:KEY=VALUE",
                            help="a reward option (repeatable), e.g. hpsv2.1:checkpoint=/path/HPS_v2.1_compressed.pt")
@@ -292,9 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="the HTML file to write (default DIRECTORY/report.html)")
     report.set_defaults(func=cmd_report)
 
-    pre = sub.add_parser("pretrain", help="re-create the shipped shapes model or reward classifier")
-    pre.add_argument("what", choices=["shapes", "classifier"])
-    pre.add_argument("--out", required=True, help="output folder (shapes) or .safetensors file (classifier)")
+    pre = sub.add_parser("pretrain", help="re-create a shipped model: the embedded SD3 pipeline (compose), the old "
+                         "shapes model or its reward classifier")
+    pre.add_argument("what", choices=["compose", "shapes", "classifier"])
+    pre.add_argument("--out", required=True, help="output folder (compose, shapes) or .safetensors file (classifier)")
     pre.add_argument("--steps", type=int, default=None)
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--quiet", action="store_true")

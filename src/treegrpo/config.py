@@ -27,8 +27,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    family: str = "shapes"  # shapes (the embedded demo model), sd3, flux, sd15, or auto (from the pipeline's class)
-    pretrained: str = "base"  # "base" (the shipped shapes weights), a local folder, or a Hugging Face model id (cached)
+    family: str = "auto"  # auto (from the pipeline's class), sd3, flux, sd15, or shapes (the old 16x16 test model)
+    pretrained: str = "base"  # "base" (the shipped SD3 pipeline of the compositional world), "shapes", a local folder, or a Hugging Face model id (cached)
     num_steps: int = 10  # denoising steps T (NFE without CFG)
     guidance_scale: float | None = None  # CFG scale (FLUX: the distilled guidance embedding); None = the family's default
     resolution: int | None = None  # image side in pixels (diffusers families); None = the model's default
@@ -73,8 +73,8 @@ class MethodConfig:
 class RewardConfig:
     # reward name -> weight; several rewards are standardised per prompt group, weighted, standardised
     # again (the paper's HPS-v2.1 : CLIPScore 4:1 is `weights: {hpsv2.1: 0.8, clipscore: 0.2}`)
-    weights: dict[str, float] = field(default_factory=lambda: {"shapes": 1.0})
-    eval: list[str] = field(default_factory=lambda: ["shapes", "shape", "color", "background"])
+    weights: dict[str, float] = field(default_factory=lambda: {"compose": 1.0})
+    eval: list[str] = field(default_factory=lambda: ["compose", "compose_strict"])
     # reward name -> its constructor options, e.g. {hpsv2.1: {checkpoint: /path/HPS_v2.1_compressed.pt,
     # device: cuda}}; see each reward's docstring (treegrpo.rewards.preference) for its keys
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -101,7 +101,7 @@ class OptimConfig:
 class TrainConfig:
     iterations: int = 60
     prompts_per_iteration: int = 16
-    prompts: str = "all"  # training prompts: "all" (the 54 shapes prompts) or a prompt file (.txt, .jsonl, .csv)
+    prompts: str = "train"  # training prompts: "train" (the compositional world's 1,302 RL prompts), "shapes", or a prompt file (.txt, .jsonl, .csv)
     seed: int = 0
     max_batch: int = 512  # rows per model call (rollout and training chunks)
     train_seeds: str = "random"  # training noise is fresh each iteration; eval uses held-out seeds
@@ -115,7 +115,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 20  # iterations between held-out evaluations (0 = start and end only)
-    prompts: str = "all"  # "all" 54 shapes prompts, or a prompt file path
+    prompts: str = "heldout"  # "heldout" (the compositional world's 300 held-out prompts), "shapes", or a prompt file path
     num_seeds: int = 4  # held-out seeds per prompt
     seed_offset: int = 1_000_000  # held-out seeds start here (training never uses them)
     grid_prompts: int = 18  # prompts shown in the sample grids
@@ -286,7 +286,7 @@ def validate(config: Config) -> None:
          f"model.true_cfg_scale is FLUX's true CFG; for family {config.model.family!r} set model.guidance_scale instead"),
         (config.model.mixed_precision in ("no", "bf16", "fp16"), f"model.mixed_precision must be no, bf16 or fp16, got {config.model.mixed_precision!r}"),
         (config.model.resolution is None or config.model.resolution >= 8, f"model.resolution must be >= 8 pixels (or null), got {config.model.resolution}"),
-        (config.model.family in ("shapes", "auto", "analytic") or config.model.pretrained not in ("base", ""),
+        (config.model.family in ("shapes", "auto", "analytic", "sd3") or config.model.pretrained not in ("base", ""),
          f"model.family={config.model.family!r} needs model.pretrained: a Hugging Face model id or a local pipeline folder"),
         (config.model.lora_targets is None or len(config.model.lora_targets) > 0, "model.lora_targets must name modules, or be null for the family's default"),
         (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),

@@ -56,37 +56,71 @@ def score_images(images: torch.Tensor, prompts: list[str], rewards: Mapping[str,
 
 @torch.no_grad()
 def evaluate(policy: Policy, prompts: list[str], seeds: list[int], rewards: Mapping[str, Reward], num_steps: int,
-             max_batch: int = 512, shapes_accuracy: bool = False, progress: bool = False,
+             max_batch: int = 512, accuracy: str | None = None, progress: bool = False,
              spread: bool = False) -> tuple[dict[str, float], torch.Tensor]:
-    """Mean reward per reward model (``reward/NAME``) and, for the shapes world, accuracies
-    (``acc/shape``, ``acc/color``, ``acc/background``, ``acc/all``) over every (prompt, seed).
+    """Mean reward per reward model (``reward/NAME``) and the world's accuracies over every (prompt,
+    seed): accuracy "compose" gives ``acc/strict`` and ``acc/strict/{single,two,count,position}``,
+    "shapes" gives ``acc/shape``, ``acc/color``, ``acc/background``, ``acc/all`` (see `accuracy_kind`).
     spread: also ``reward_std/NAME`` (see `reward_statistics`). Returns (metrics, images [P * S, 3, H, W])."""
     per_image, images = evaluate_per_image(policy, prompts, seeds, rewards, num_steps, max_batch,
-                                           shapes_accuracy=shapes_accuracy, progress=progress)
+                                           accuracy=accuracy, progress=progress)
     return summarize_eval(per_image, spread=spread), images
 
 
 @torch.no_grad()
 def evaluate_per_image(policy: Policy, prompts: list[str], seeds: list[int], rewards: Mapping[str, Reward],
-                       num_steps: int, max_batch: int = 512, shapes_accuracy: bool = False,
+                       num_steps: int, max_batch: int = 512, accuracy: str | None = None,
                        progress: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-image scores {``reward/NAME`` or ``acc/NAME``: [P * S] float32} (prompt-major) and the
     images; `summarize_eval` turns them into `evaluate`'s metrics (ranks concatenate theirs first)."""
     images = ode_sample(policy, prompts, seeds, num_steps, max_batch, progress=progress, desc="eval")
     per_image_prompts = [p for p in prompts for _ in seeds]
     out = {f"reward/{k}": v for k, v in score_images(images, per_image_prompts, rewards, max_batch).items()}
-    if shapes_accuracy:
-        from treegrpo.rewards.shapes import shapes_accuracy as accuracy
-
-        acc = accuracy(images, per_image_prompts)
-        for name, hits in acc.items():
-            out[f"acc/{name}"] = hits.float()
-        out["acc/all"] = torch.stack([h.bool() for h in acc.values()]).all(dim=0).float()
+    out.update(world_accuracy(images, per_image_prompts, accuracy))
     return out, images
 
 
+def accuracy_kind(family: str, prompts: list[str]) -> str | None:
+    """Which world's accuracies apply: "shapes" for the shapes model, "compose" when every prompt is a
+    prompt of the compositional world, else None (rewards only)."""
+    if family == "shapes":
+        return "shapes"
+    from treegrpo.worlds.compose import parse_prompt
+
+    try:
+        for p in prompts:
+            parse_prompt(p)
+    except ValueError:
+        return None
+    return "compose"
+
+
+def world_accuracy(images: torch.Tensor, prompts: list[str], kind: str | None) -> dict[str, torch.Tensor]:
+    """Per-image accuracy verdicts {``acc/NAME``: [N] float32} of a world (NaN = not applicable to
+    that image, e.g. a template's accuracy on another template's image)."""
+    if kind is None:
+        return {}
+    if kind == "compose":
+        from treegrpo.rewards.compose import strict_accuracy
+
+        return {f"acc/{k}": v for k, v in strict_accuracy(images, prompts).items()}
+    if kind == "shapes":
+        from treegrpo.rewards.shapes import shapes_accuracy
+
+        acc = shapes_accuracy(images, prompts)
+        out = {f"acc/{name}": hits.float() for name, hits in acc.items()}
+        out["acc/all"] = torch.stack([h.bool() for h in acc.values()]).all(dim=0).float()
+        return out
+    raise ValueError(f"unknown accuracy kind {kind!r} (compose, shapes or None)")
+
+
 def summarize_eval(per_image: Mapping[str, torch.Tensor], spread: bool = False) -> dict[str, float]:
-    """Means of `evaluate_per_image`'s scores (and ``reward_std/NAME`` with `spread`)."""
+    """Means of `evaluate_per_image`'s scores (and ``reward_std/NAME`` with `spread`).
+
+    Accuracies average over the images they apply to (NaN entries left out). An accuracy with
+    per-template parts (``acc/strict`` and ``acc/strict/TEMPLATE``) is the mean of its parts, as
+    GenEval's overall score is the mean of its tasks; ``acc/strict_images`` keeps the plain mean over
+    images."""
     rewards = {k[len("reward/"):]: v for k, v in per_image.items() if k.startswith("reward/")}
     if spread:
         metrics = reward_statistics(rewards)
@@ -94,7 +128,14 @@ def summarize_eval(per_image: Mapping[str, torch.Tensor], spread: bool = False) 
         metrics = {f"reward/{k}": float(v.mean()) for k, v in rewards.items()}
     for key, hits in per_image.items():
         if key.startswith("acc/"):
-            metrics[key] = float(hits.float().mean())
+            hits = hits.float()
+            hits = hits[~torch.isnan(hits)]
+            metrics[key] = float(hits.mean()) if hits.numel() else float("nan")
+    for key in [k for k in metrics if k.startswith("acc/") and k.count("/") == 1]:
+        parts = [v for k, v in metrics.items() if k.startswith(key + "/") and math.isfinite(v)]
+        if parts:
+            metrics[key + "_images"] = metrics[key]
+            metrics[key] = sum(parts) / len(parts)
     return metrics
 
 

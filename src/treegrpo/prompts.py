@@ -1,5 +1,6 @@
-"""Prompt sets: the built-in shapes prompts, or a file (.txt one per line, .jsonl with a "prompt"
-field, .csv with a "prompt" column)."""
+"""Prompt sets: the compositional world's split ("train", "heldout"), the old shapes world's 54
+prompts ("shapes"), or a file (.txt one per line, .jsonl with a "prompt" field, .csv with a
+"prompt" column)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,17 @@ import json
 from pathlib import Path
 
 
+BUILT_IN = ("train", "heldout", "shapes")
+
+
 def load_prompts(spec: str) -> list[str]:
-    """"all" / "shapes": the 54 shapes-world prompts; otherwise a path to a prompt file."""
-    if spec in ("all", "shapes"):
+    """"train" / "heldout": the compositional world's RL training prompts (1,302) / held-out prompts
+    (300); "shapes": the 54 shapes-world prompts; otherwise a path to a prompt file."""
+    if spec in ("train", "heldout"):
+        from treegrpo.worlds.compose import split_prompts
+
+        return [p.text for p in split_prompts()[spec]]
+    if spec in ("all", "shapes"):  # "all": the name older configs used for the shapes prompts
         from treegrpo.worlds.shapes import all_prompts
 
         return [p.text for p in all_prompts()]
@@ -18,7 +27,7 @@ def load_prompts(spec: str) -> list[str]:
     if path.is_dir():
         raise ValueError(f"prompt file {spec!r} is a directory; pass a .txt, .jsonl or .csv file")
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {spec!r} does not exist (use 'all' for the built-in shapes prompts)")
+        raise FileNotFoundError(f"prompt file {spec!r} does not exist (or one of the built-in sets: train, heldout, shapes)")
     try:
         return _read_prompts(path, spec)
     except UnicodeDecodeError:

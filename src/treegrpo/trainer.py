@@ -41,7 +41,7 @@ from treegrpo.checkpoint import WEIGHTS, CheckpointError, CheckpointWriteError, 
 from treegrpo.config import Config, ConfigError, check_resume_config, save_config
 from treegrpo.distributed import (all_sum, any_rank, check_divisible, max_over_ranks, padded_shard, reduce_metrics,
                                   shard_slice)
-from treegrpo.evaluation import (decode_chunked, evaluate_per_image, image_grid, save_image, score_images, side_by_side,
+from treegrpo.evaluation import (accuracy_kind, decode_chunked, evaluate_per_image, image_grid, save_image, score_images, side_by_side,
                                  summarize_eval)
 from treegrpo.loss import kl_to_reference, policy_loss
 from treegrpo.methods import Method
@@ -78,6 +78,7 @@ class Trainer:
         # Prompt files first: a missing or malformed one fails before the model is loaded.
         self.train_prompts = train_prompts or load_prompts(config.train.prompts)
         self.eval_prompts = load_prompts(config.eval.prompts)
+        self.accuracy = accuracy_kind(config.model.family, self.eval_prompts)
         if policy is None:
             model_config = copy.copy(config.model)
             if config.model.device != "cpu" and self.world > 1:
@@ -371,7 +372,7 @@ class Trainer:
         eval_rewards = {n: self.rewards[n] for n in c.reward.eval}
         local, real = padded_shard(self.eval_prompts, self.rank, self.world)
         per_image, images = evaluate_per_image(self.policy, local, self.eval_seeds, eval_rewards, self.num_steps,
-                                               c.train.max_batch, shapes_accuracy=c.model.family == "shapes")
+                                               c.train.max_batch, accuracy=self.accuracy)
         num_seeds = len(self.eval_seeds)
         per_image = {k: v[:real * num_seeds] for k, v in per_image.items()}
         # The grid: the same prompts (rows) and held-out seeds (columns) every time, taken from the

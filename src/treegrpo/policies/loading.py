@@ -1,5 +1,7 @@
 """`load_policy`: the right `Policy` for a diffusers pipeline object, a local folder, a cached
-Hugging Face model id, or "base" (the embedded shapes model).
+Hugging Face model id, "base" (the embedded SD3 pipeline of the compositional world, a real
+`StableDiffusion3Pipeline` loaded by the same code as SD3.5) or "shapes" (the old 16x16 shapes
+model, kept for fast tests).
 
 The family is read from the pipeline class (or `_class_name` in model_index.json); offline
 (HF_HUB_OFFLINE=1) a model id loads from the local cache only, and a missing one is one error that
@@ -72,6 +74,11 @@ def load_pipeline(source: str | Path, family: str | None = None, dtype: Any = No
         family = family_of(class_name)
     cls = getattr(diffusers, _PIPELINES[family])
     kwargs: dict[str, Any] = {"local_files_only": True}
+    if family == "sd3":  # SD3 without T5 (as the embedded model): diffusers needs the absence said explicitly
+        index = json.loads((folder / "model_index.json").read_text())
+        for name in ("text_encoder_3", "tokenizer_3"):
+            if index.get(name, [None])[0] is None:
+                kwargs[name] = None
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     if family == "sd15":
@@ -79,9 +86,19 @@ def load_pipeline(source: str | Path, family: str | None = None, dtype: Any = No
     return cls.from_pretrained(folder, **kwargs)
 
 
+def embedded_pipeline_path() -> Path:
+    """The shipped pipeline folder of the compositional world's base model."""
+    from treegrpo.worlds.compose_pipeline import DEFAULT_PIPELINE
+
+    return DEFAULT_PIPELINE
+
+
 def load_policy(source: Any = "base", family: str | None = None, **options: Any) -> Policy:
     """A `Policy` for `source`: a diffusers pipeline object, a local pipeline folder, a Hugging Face
-    model id (cached), "base" (the embedded shapes model) or a saved shapes-model folder.
+    model id (cached), "base" (the embedded SD3 pipeline), "shapes" (the old shapes model) or a
+    saved shapes-model folder. A pipeline folder may hold `treegrpo.json` with default options
+    (the embedded model stores max_sequence_length 0, its guidance scale and resolution there);
+    options given here, if not None, win.
 
     family: shapes, sd3, flux, sd15, or None / "auto" to infer it. options: resolution,
     guidance_scale, negative_prompt, mixed_precision (no|bf16|fp16), gradient_checkpointing, device,
@@ -93,10 +110,15 @@ def load_policy(source: Any = "base", family: str | None = None, **options: Any)
         from treegrpo.policies.analytic import GaussianPolicy
 
         return GaussianPolicy(**{k: v for k, v in options.items() if k in ("data_std", "latent_shape")})
-    if isinstance(source, str) and source in ("base", "shapes", ""):
+    if isinstance(source, str) and source in ("base", ""):
+        if family not in (None, "auto", "sd3"):
+            raise ValueError(f"model.pretrained={source!r} is the embedded SD3 pipeline; family {family!r} needs a "
+                             "model id or a pipeline folder")
+        source = embedded_pipeline_path()
+    if isinstance(source, str) and source == "shapes":
         family = "shapes" if family in (None, "auto") else family
         if family != "shapes":
-            raise ValueError(f"model.pretrained={source!r} is the embedded shapes model; family {family!r} needs a "
+            raise ValueError(f"model.pretrained='shapes' is the embedded shapes model; family {family!r} needs a "
                              "model id or a pipeline folder")
     if family == "shapes" or (family in (None, "auto") and isinstance(source, (str, Path))
                               and (Path(source) / "policy_config.json").is_file()):
@@ -110,6 +132,12 @@ def load_policy(source: Any = "base", family: str | None = None, **options: Any)
             raise ValueError(f"the shapes model takes no option(s) {sorted(extra)}")
         return ShapesPolicy.from_pretrained(path, guidance_scale=options.get("guidance_scale")).to(device)
     pipe = source
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        from treegrpo.worlds.compose_pipeline import read_defaults
+
+        for key, value in read_defaults(source).items():
+            if options.get(key) is None:
+                options[key] = value
     if isinstance(source, (str, Path)):
         from treegrpo.policies.diffusers_common import resolve_dtype
 

@@ -1,0 +1,243 @@
+"""The embedded base model of the compositional world: a real, tiny diffusers `StableDiffusion3Pipeline`.
+
+Parts (stock diffusers / transformers classes, configured small):
+
+- two word-level tokenizers (`PreTrainedTokenizerFast` over the world's 27 words, `<bos> words
+  <eos> <pad>...`, length `MAX_LENGTH`), saved as files;
+- two `CLIPTextModelWithProjection` text encoders (hidden 64, 3 layers), trained from scratch with
+  the denoiser; SD3's penultimate-layer states of both are concatenated (128 = the transformer's
+  `joint_attention_dim`) and their pooled projections too (`pooled_projection_dim` 128). No T5:
+  the pipeline then appends `max_sequence_length` zero tokens, so this model is used with
+  `max_sequence_length=0` (stored in `treegrpo.json`, read by `load_policy`);
+- `AutoencoderKL` (factor 2: 32x32x3 images <-> 16x16x4 latents, no attention), with the latents'
+  measured mean and std as `shift_factor` / `scaling_factor`;
+- `SD3Transformer2DModel` (patch 2 -> 8x8 = 64 image tokens, width 64, 4 heads, 4 layers);
+- `FlowMatchEulerDiscreteScheduler` (shift 3).
+
+`pretrain_compose` makes it from rendered scenes (`treegrpo pretrain compose --out DIR`): the VAE first
+(pixel L1 + a small KL), then transformer and text encoders together on the rectified-flow loss
+(velocity eps - z0, noise levels drawn with the schedule's shift, 10% empty prompts for CFG). The
+folder loads with plain `StableDiffusion3Pipeline.from_pretrained(DIR)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from treegrpo.worlds.compose import TEMPLATES, all_specs, render_scenes, sample_scene, world_words
+
+DEFAULT_PIPELINE = Path(__file__).resolve().parent.parent / "assets" / "compose_sd3"
+MAX_LENGTH = 16
+SHIFT = 3.0
+DEFAULTS_FILE = "treegrpo.json"  # what load_policy needs beyond the diffusers folder
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+
+
+def build_tokenizer(max_length: int = MAX_LENGTH):
+    """Word-level tokenizer over the world's words: ids [P, max_length] = <bos> words <eos> <pad>..."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *world_words()])}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=max_length, padding_side="right")
+
+
+def build_text_encoder(vocab_size: int, hidden: int = 64, layers: int = 3):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
+                            pad_token_id=0, bos_token_id=2, eos_token_id=3, projection_dim=hidden)
+    return CLIPTextModelWithProjection(config)
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         latent_channels=4, norm_num_groups=8, sample_size=32, use_quant_conv=False,
+                         use_post_quant_conv=False, mid_block_add_attention=False, scaling_factor=1.0,
+                         shift_factor=0.0)
+
+
+def build_transformer(layers: int = 4, heads: int = 4, head_dim: int = 16):
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
+                                 attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=128,
+                                 caption_projection_dim=heads * head_dim, pooled_projection_dim=128,
+                                 pos_embed_max_size=8)
+
+
+def build_pipeline(seed: int = 0):
+    """A randomly initialised pipeline of the embedded model's architecture."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    tok, tok2 = build_tokenizer(), build_tokenizer()
+    return StableDiffusion3Pipeline(
+        transformer=build_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), vae=build_vae(),
+        text_encoder=build_text_encoder(len(tok)), tokenizer=tok, text_encoder_2=build_text_encoder(len(tok2)),
+        tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None)
+
+
+def read_defaults(folder: str | Path) -> dict[str, Any]:
+    """The policy options stored beside a pipeline by `pretrain_compose` (empty if none)."""
+    path = Path(folder) / DEFAULTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# ------------------------------------------------------------------------------------ data
+def sample_batch(n: int, rng: random.Random) -> tuple[list[str], torch.Tensor]:
+    """n prompts (templates equally likely, prompts uniform within a template) and one rendered
+    scene each: (prompts, images [n, 3, 32, 32] in [0, 1])."""
+    by_template = {t: [s for s in all_specs() if s.template == t] for t in TEMPLATES}
+    specs = [rng.choice(by_template[rng.choice(TEMPLATES)]) for _ in range(n)]
+    return [s.text for s in specs], render_scenes([sample_scene(s, rng) for s in specs])
+
+
+def _log(message: str, progress: bool) -> None:
+    if progress:
+        print(message, flush=True)
+
+
+def _cosine_lr(step: int, total: int, base: float, warmup: int = 200) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_vae(vae, steps: int, rng: random.Random, batch: int = 64, lr: float = 2e-3, kl_weight: float = 1e-6,
+              progress: bool = True) -> None:
+    """Pixel L1 + kl_weight * KL on rendered scenes (images scaled to [-1, 1])."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train()
+    start = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, steps, lr)
+        _, images = sample_batch(batch, rng)
+        x = images * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = (recon - x).abs().mean() + kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            _log(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)", progress)
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_dataset(vae, n: int, rng: random.Random, chunk: int = 500) -> tuple[list[str], torch.Tensor]:
+    """n (prompt, VAE latent mean [4, 16, 16]) pairs of freshly rendered scenes."""
+    prompts, latents = [], []
+    for s in range(0, n, chunk):
+        p, images = sample_batch(min(chunk, n - s), rng)
+        prompts += p
+        latents.append(vae.encode(images * 2 - 1).latent_dist.mean)
+    return prompts, torch.cat(latents)
+
+
+def _encode_text(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3's CLIP conditioning with gradients (the pipeline's encode_prompt runs without): sequence
+    [B, L, 128] from both encoders' penultimate states, pooled [B, 128] from their projections."""
+    seqs, pooled = [], []
+    for tok, enc in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        out = enc(ids, output_hidden_states=True)
+        seqs.append(out.hidden_states[-2])
+        pooled.append(out[0])
+    return torch.cat(seqs, dim=-1), torch.cat(pooled, dim=-1)
+
+
+def train_denoiser(pipe, prompts: list[str], latents: torch.Tensor, steps: int, rng: random.Random,
+                   batch: int = 256, lr: float = 1e-3, drop_prompt: float = 0.1, progress: bool = True,
+                   save_every: int = 0, save_to: Path | None = None) -> None:
+    """Rectified flow on normalised latents: z_s = (1 - s) z0 + s eps, target eps - z0, s from the
+    shift-3 law s = 3u / (1 + 2u), u ~ U(0, 1); transformer and both text encoders train."""
+    modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    for m in modules:
+        m.train()
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    start = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, steps, lr)
+        idx = torch.randint(0, latents.shape[0], (batch,), generator=g)
+        z0 = latents[idx]
+        texts = ["" if rng.random() < drop_prompt else prompts[i] for i in idx.tolist()]
+        u = torch.rand(batch, generator=g)
+        sigma = SHIFT * u / (1 + (SHIFT - 1) * u)
+        eps = torch.randn(z0.shape, generator=g)
+        zs = (1 - sigma.view(-1, 1, 1, 1)) * z0 + sigma.view(-1, 1, 1, 1) * eps
+        seq, pooled = _encode_text(pipe, texts)
+        v = pipe.transformer(hidden_states=zs, timestep=sigma * 1000, encoder_hidden_states=seq,
+                             pooled_projections=pooled, return_dict=False)[0]
+        loss = F.mse_loss(v, eps - z0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            _log(f"denoiser step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)", progress)
+        if save_every and save_to is not None and step and step % save_every == 0:
+            save_pipeline(pipe, save_to)
+            for m in modules:
+                m.train()
+    for m in modules:
+        m.eval()
+
+
+def save_pipeline(pipe, out: Path, guidance_scale: float = 4.5) -> None:
+    for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        m.eval()
+    pipe.save_pretrained(out, safe_serialization=True)
+    (Path(out) / DEFAULTS_FILE).write_text(json.dumps(
+        {"max_sequence_length": 0, "guidance_scale": guidance_scale, "resolution": 32}, indent=1) + "\n")
+
+
+def pretrain_compose(out: str | Path, seed: int = 0, vae_steps: int = 3000, denoiser_steps: int = 6000,
+                     dataset_size: int = 60_000, progress: bool = True, save_every: int = 500) -> dict[str, Any]:
+    """Make the embedded pipeline from scratch into `out` (see the module docstring)."""
+    out = Path(out)
+    rng = random.Random(seed)
+    pipe = build_pipeline(seed)
+    train_vae(pipe.vae, vae_steps, rng, progress=progress)
+    pipe.vae.save_pretrained(out / "vae")  # kept while the denoiser trains (and reused by a rerun's checks)
+    prompts, latents = encode_dataset(pipe.vae, dataset_size, rng)
+    mean, std = float(latents.mean()), float(latents.std())
+    pipe.vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
+    latents = (latents - mean) / std
+    _log(f"latents: mean {mean:.4f} std {std:.4f}", progress)
+    train_denoiser(pipe, prompts, latents, denoiser_steps, rng, progress=progress, save_every=save_every, save_to=out)
+    save_pipeline(pipe, out)
+    return {"out": str(out), "latent_mean": mean, "latent_std": std}
+
+
+if __name__ == "__main__":  # python -m treegrpo.worlds.compose_pipeline OUT [vae_steps denoiser_steps]
+    import sys
+
+    args = sys.argv[1:]
+    pretrain_compose(args[0], vae_steps=int(args[1]) if len(args) > 1 else 3000,
+                     denoiser_steps=int(args[2]) if len(args) > 2 else 6000)
