@@ -3,6 +3,8 @@
 Launcher quirk (accelerate 1.15): `accelerate launch --cpu --num_processes 2` starts ONE process
 (it expects MPI for multi-CPU); `--multi_gpu --num_processes 2` with model.device=cpu starts two
 that talk over gloo. The tests use the latter, one torch thread per process.
+FSDP: `--use_fsdp` with model.device=cpu; accelerate 1.15 does not shard on CPU, so the trainer
+applies torch's FSDP2 `fully_shard` itself (see treegrpo.distributed.accelerate_without_fsdp).
 
 Tolerance: the weights after an update agree to float rounding in the L2 sense (relative 1e-3);
 element-wise, Adam's first step is ~lr * sign(grad), so a parameter whose gradient is at rounding
