@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test demo bench bench-quick bench-micro clean
+.PHONY: install browser test demo bench bench-quick bench-micro clean
 
 DEMO_DIR ?= runs/demo
 
@@ -20,7 +20,23 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+# Debian's chromium for the report's browser test (tests/test_report_browser.py). Skips when a
+# chromium is on PATH; as root, one `apt-get update` then `apt-get install -y chromium`. Not root:
+# a note (the browser test then skips; run `sudo make browser` once), unless CI=true, where a
+# missing browser is an error, as it is in the test.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then \
+		echo "make browser: $$(command -v chromium) is installed"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	elif [ "$$CI" = true ]; then \
+		echo "make browser: no chromium and not root (CI=true): run as root, or install Debian's chromium first" >&2; \
+		exit 1; \
+	else \
+		echo "make browser: no chromium and not root: the report's browser test will skip (install it with: sudo make browser)"; \
+	fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 # The main job: TreeGRPO on the embedded shapes model (a fresh run each time), then the results

@@ -3,6 +3,8 @@
 Launcher quirk (accelerate 1.15): `accelerate launch --cpu --num_processes 2` starts ONE process
 (it expects MPI for multi-CPU); `--multi_gpu --num_processes 2` with model.device=cpu starts two
 that talk over gloo. The tests use the latter, one torch thread per process.
+FSDP: `--use_fsdp` with model.device=cpu; accelerate 1.15 does not shard on CPU, so the trainer
+applies torch's FSDP2 `fully_shard` itself (see treegrpo.distributed.accelerate_without_fsdp).
 
 Tolerance: the weights after an update agree to float rounding in the L2 sense (relative 1e-3);
 element-wise, Adam's first step is ~lr * sign(grad), so a parameter whose gradient is at rounding
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -53,10 +56,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def _launch(args: list[str], timeout: float = 240, fsdp: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    # FSDP: `--use_fsdp` (accelerate's defaults, FSDP1); on CPU the trainer shards with torch's fully_shard.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp" if fsdp else "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "treegrpo", "train", *args, "--quiet"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -135,6 +139,53 @@ def test_checkpoint_holds_every_ranks_rng_and_a_two_process_resume_continues_exa
     a, b = _metrics(tmp / "two")[2], _metrics(run)[2]
     assert {k: v for k, v in a.items() if k not in skip} == pytest.approx({k: v for k, v in b.items() if k not in skip},
                                                                           rel=1e-6, abs=1e-9)
+
+
+def test_fsdp_on_two_cpu_processes_equals_ddp_and_resumes_its_sharded_optimiser_state(two_procs):
+    """FSDP (torch's fully_shard over gloo: accelerate 1.15 does not shard on CPU) trains like DDP up to
+    float rounding; its checkpoint holds the full AdamW state gathered from the shards, and a run
+    resumed from it (re-sharded) ends where the uninterrupted FSDP run ends."""
+    tmp, config, _ = two_procs
+    fsdp = tmp / "fsdp"
+    result = _launch([str(config), "--output-dir", str(fsdp)], fsdp=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "treegrpo applies torch's FSDP2 fully_shard" in result.stderr  # the sharded path ran, and says so
+    for iteration in (1, 2):
+        ddp, sharded = _weights(tmp / "two", iteration), _weights(fsdp, iteration)
+        assert set(ddp) == set(sharded)
+        for key in ddp:
+            torch.testing.assert_close(sharded[key], ddp[key], rtol=0, atol=2e-6, msg=key)
+        state = json.loads((fsdp / "checkpoints" / f"iter_{iteration:06d}" / "state.json").read_text())
+        assert state["world_size"] == 2
+    # The optimiser state: gathered from both shards into full tensors keyed by parameter name, the
+    # same moments as DDP's (keyed by index, in parameter order).
+    full = torch.load(fsdp / "checkpoints" / "iter_000001" / "optimizer.pt", weights_only=True)
+    plain = torch.load(tmp / "two" / "checkpoints" / "iter_000001" / "optimizer.pt", weights_only=True)
+    names = list(_weights(tmp / "two", 1))
+    assert set(full["state"]) == set(names) and len(plain["state"]) == len(names)
+    from treegrpo.policies import load_policy
+
+    order = [n for n, p in load_policy().unet.named_parameters() if p.requires_grad]
+    for index, name in enumerate(order):
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(full["state"][name][moment], plain["state"][index][moment], rtol=1e-4,
+                                       atol=1e-9, msg=f"{name} {moment}")
+        assert float(full["state"][name]["step"]) == float(plain["state"][index]["step"]) > 0
+    # Interrupted after iteration 1 (its checkpoint, iteration 2's removed), resumed by the same command.
+    resumed = tmp / "fsdp_resumed"
+    shutil.copytree(fsdp, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "iter_000002")
+    again = _launch([str(config), "--output-dir", str(resumed)], fsdp=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("resuming") == 1
+    straight, after = _weights(fsdp, 2), _weights(resumed, 2)
+    for key in straight:
+        torch.testing.assert_close(after[key], straight[key], rtol=0, atol=1e-7, msg=key)
+    a = torch.load(fsdp / "checkpoints" / "iter_000002" / "optimizer.pt", weights_only=True)["state"]
+    b = torch.load(resumed / "checkpoints" / "iter_000002" / "optimizer.pt", weights_only=True)["state"]
+    for name in a:
+        for moment in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(b[name][moment], a[name][moment], rtol=0, atol=1e-9, msg=f"{name} {moment}")
 
 
 def test_prompts_must_divide_among_the_processes(two_procs):
@@ -230,3 +281,8 @@ log: {{trackers: [], tree_every: 0}}
     assert float(moved.abs().max()) > 1e-3  # a real step (lr 1e-2)
     assert float(diff.norm() / moved.norm()) < 1e-3  # without the gradient sync this is ~1
     assert (tmp_path / "two" / "lora").is_dir() and not list((tmp_path / "two").glob(".tmp*"))
+    # Two processes really ran: the checkpoint holds two ranks' RNG states, each rank's own torch stream.
+    state = json.loads((tmp_path / "two" / "checkpoints" / "iter_000001" / "state.json").read_text())
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert state["rng"][0]["torch"] != state["rng"][1]["torch"]
+    assert json.loads((tmp_path / "one" / "checkpoints" / "iter_000001" / "state.json").read_text())["world_size"] == 1

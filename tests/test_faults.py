@@ -226,29 +226,115 @@ def test_empty_or_malformed_prompt_files(tmp_path, capsys, name, content, messag
 
 
 # ---------------------------------------------------------------- disk full while checkpointing
-def _fail_writes(monkeypatch, at_calls: set[int]):
-    real, calls = ckpt_module.save_file, [0]
+def _enospc() -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device")
 
-    def save_file(*args, **kwargs):
+
+def _in_temp_checkpoint(path, name: str) -> bool:
+    path = Path(path)
+    return path.name == name and path.parent.name.startswith(ckpt_module.TMP_PREFIX)
+
+
+def _fail_writes(monkeypatch, at_calls: set[int], what: str = "weights"):
+    """The disk fills up during the `at_calls`-th checkpoints (1-based), at one step of the write:
+    `weights`, `optimizer`, `state`, `manifest` (each file cut short after a few bytes, as a full disk
+    leaves it) or `rename` (the temporary directory renamed into place)."""
+    calls = [0]
+
+    def due() -> bool:
         calls[0] += 1
-        if calls[0] in at_calls:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*args, **kwargs)
+        return calls[0] in at_calls
 
-    monkeypatch.setattr(ckpt_module, "save_file", save_file)
+    def cut_short(path) -> None:
+        Path(path).write_bytes(b"\x00" * 7)
+
+    if what == "weights":
+        real_save_file = ckpt_module.save_file
+
+        def save_file(tensors, filename, *args, **kwargs):
+            if due():
+                cut_short(filename)
+                raise _enospc()
+            return real_save_file(tensors, filename, *args, **kwargs)
+
+        monkeypatch.setattr(ckpt_module, "save_file", save_file)
+    elif what == "optimizer":
+        real_save = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if _in_temp_checkpoint(f, ckpt_module.OPTIMIZER) and due():
+                cut_short(f)
+                raise _enospc()
+            return real_save(obj, f, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", save)
+    elif what == "state":
+        real_write_text = Path.write_text
+
+        def write_text(self, data, *args, **kwargs):
+            if _in_temp_checkpoint(self, ckpt_module.STATE) and due():
+                real_write_text(self, data[:7])
+                raise _enospc()
+            return real_write_text(self, data, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "write_text", write_text)
+    elif what == "manifest":
+        real_dump = json.dump
+
+        def dump(obj, fp, *args, **kwargs):
+            if _in_temp_checkpoint(getattr(fp, "name", ""), MANIFEST) and due():
+                fp.write('{"iteration": ')
+                raise _enospc()
+            return real_dump(obj, fp, *args, **kwargs)
+
+        monkeypatch.setattr(json, "dump", dump)
+    elif what == "rename":
+        real_rename = Path.rename
+
+        def rename(self, target):
+            if self.name.startswith(ckpt_module.TMP_PREFIX) and due():
+                raise _enospc()
+            return real_rename(self, target)
+
+        monkeypatch.setattr(Path, "rename", rename)
+    else:
+        raise ValueError(what)
 
 
-def test_a_failed_checkpoint_keeps_the_previous_one_warns_and_retries(tmp_path, monkeypatch, capsys):
-    _fail_writes(monkeypatch, {2})  # the checkpoint of iteration 2
+@pytest.mark.parametrize("what", ["weights", "optimizer", "state", "manifest", "rename"])
+def test_a_failed_checkpoint_keeps_the_previous_one_warns_and_retries(tmp_path, monkeypatch, capsys, what):
+    _fail_writes(monkeypatch, {2}, what)  # the checkpoint of iteration 2
     run = tmp_path / "run"
     summary = trainer(run, "fault_spread", "train.iterations=4", "train.keep_checkpoints=5").train()
-    assert "No space left on device" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (f"could not write checkpoint {run / 'checkpoints' / 'iter_000002'} (No space left on device); the previous "
+            "checkpoint iter_000001 stays valid; training goes on and retries at the next checkpoint") in err
     assert [c.name for c in checkpoint_dirs(run)] == ["iter_000001", "iter_000003", "iter_000004"]
-    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]  # no partial files left
     for c in checkpoint_dirs(run):
         verify_checkpoint(c)
     assert summary["checkpoint_failures"] == 1
     assert json.loads((run / "summary.json").read_text())["checkpoint_failures"] == 1
+    # The run's result is intact: a 4-iteration run resumes from iter_000004 with nothing left to do.
+    assert resume_checkpoint(run).name == "iter_000004"
+
+
+@pytest.mark.parametrize("what", ["weights", "optimizer", "state", "manifest", "rename"])
+def test_a_full_disk_at_any_file_leaves_the_previous_checkpoint_to_resume_from(tmp_path, monkeypatch, what):
+    """Disk full at iteration 2's checkpoint, then the process dies: a resume starts from iteration 1."""
+    _fail_writes(monkeypatch, {2}, what)
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointWriteError, match="final checkpoint could not be written.*No space left on device.*"
+                                                   "iter_000001 stays valid"):
+        trainer(run, "fault_spread", "train.iterations=2").train()
+    monkeypatch.undo()
+    assert [c.name for c in checkpoint_dirs(run)] == ["iter_000001"]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]  # no partial files left
+    assert resume_checkpoint(run).name == "iter_000001"
+    state, optimizer = load_state(run / "checkpoints" / "iter_000001")
+    assert state["iteration"] == 1 and optimizer is not None
+    summary = trainer(run, "fault_spread", "train.iterations=2").train()  # the same run, space freed: continues
+    assert summary["iterations"] == 2 and resume_checkpoint(run).name == "iter_000002"
 
 
 def test_a_failed_final_checkpoint_is_an_error(tmp_path, monkeypatch):

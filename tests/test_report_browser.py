@@ -1,10 +1,12 @@
 """The run report of a real tiny training run, rendered by headless Chromium.
 
-Set-up installs Debian's `chromium` when it is missing (apt-get, as root); if that fails the test
-fails with the reason: a report nobody has seen rendered is not tested.
+The test installs nothing: `make browser` (run by `make test` and `.ci/run`) installs Debian's
+`chromium`. Without it the screenshot test skips, naming that target, except in CI (CI=true),
+where it fails.
 """
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,23 +22,18 @@ TINY = ["train.iterations=2", "train.prompts_per_iteration=2", "eval.num_seeds=2
         "eval.grid_prompts=3", "train.checkpoint_every=0", "method.k=2", "method.window=2", "log.tree_every=1"]
 
 
-def chromium() -> str:
+@pytest.fixture(scope="module")
+def browser() -> str:
+    """The chromium binary. Missing: a skip naming `make browser` on a dev machine, a failure in CI
+    (CI=true), where `make test` has installed it: a report nobody has seen rendered is not tested."""
     path = shutil.which("chromium")
     if path:
         return path
-    try:
-        done = subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:  # stale package lists: refresh once and retry
-            subprocess.run(["apt-get", "update"], capture_output=True, timeout=600)
-            done = subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        pytest.fail(f"could not install Debian's chromium for the report test ({err}); install it with "
-                    "`apt-get install -y chromium` (as root)")
-    path = shutil.which("chromium")
-    if not path:
-        pytest.fail("`apt-get install -y chromium` did not give a chromium binary (run it as root); "
-                    f"apt said: {done.stderr[-600:]}")
-    return path
+    message = ("no chromium on PATH for the report's browser test; install Debian's chromium with `make browser` "
+               "(as root; `make test` runs it)")
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message}. CI=true: the browser test must run in CI")
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +77,7 @@ def test_the_page_holds_plots_grids_and_the_tree(report):
     assert not re.search(r"""(src|href)=["']https?:""", html)  # opens offline: no CDN, no external files
 
 
-def test_chromium_renders_a_page_that_is_not_blank(report, tmp_path):
-    browser = chromium()
+def test_chromium_renders_a_page_that_is_not_blank(browser, report, tmp_path):  # browser first: skip before training
     _, page = report
     shot = screenshot(browser, page, tmp_path / "shot.png", tmp_path)
     assert shot.size == (1280, 5000)

@@ -1,5 +1,6 @@
 """Never lose a run: a run killed (SIGKILL) part-way through an iteration, or stopped by SIGTERM,
-resumes to exactly the state of an uninterrupted run; a second Ctrl-C aborts at once.
+resumes to exactly the state of an uninterrupted run; one Ctrl-C finishes the iteration, checkpoints
+and exits 130; a second Ctrl-C aborts at once.
 
 Every run is a `treegrpo train` subprocess (tests/cli_child.py, one torch thread) on a tiny config;
 the test-only `test_gate` reward holds iteration 4 until the test has killed or signalled it.
@@ -118,6 +119,27 @@ def test_sigterm_checkpoints_the_finished_iteration_and_the_same_command_resumes
     again = start(args, workdir / "term2.log")  # the very same command continues the run
     assert again.wait(timeout=300) == 0, (workdir / "term2.log").read_text()
     assert_same_state(straight, run)
+
+
+def test_a_single_ctrl_c_finishes_the_iteration_checkpoints_it_and_exits_130(workdir):
+    run, gate, log = workdir / "ctrl_c", workdir / "gate_ctrl_c", workdir / "ctrl_c.log"
+    proc = start([*tiny(workdir / "prompts.txt"), "--output-dir", str(run)], log, gate)
+    wait_for(lambda: (gate / "blocked").exists(), "iteration 4's rewards", proc)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+    wait_for(lambda: "SIGINT received; finishing iteration 4, then checkpointing" in log.read_text(),
+             "the first signal's message", proc)
+    assert [c.name for c in checkpoint_dirs(run)] == ["iter_000002", "iter_000003"]  # iteration 4 still running
+    (gate / "release").touch()
+    assert proc.wait(timeout=120) == 130
+    err = log.read_text()
+    assert f"stopped by SIGINT at iteration 4; resume with: treegrpo train --resume {run}" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert checkpoint_dirs(run)[-1].name == "iter_000004"
+    verify_checkpoint(checkpoint_dirs(run)[-1])
+    state = json.loads((checkpoint_dirs(run)[-1] / "state.json").read_text())
+    assert state["iteration"] == 4
+    # Iteration 4 finished (its metrics line is written), and nothing after it started.
+    assert [r["iteration"] for r in metrics(run)] == [0, 1, 2, 3, 4]
 
 
 def test_a_second_ctrl_c_aborts_at_once_without_a_checkpoint(workdir):

@@ -123,3 +123,74 @@ def test_ddim_matches_diffusers_ddim_scheduler():
     torch.testing.assert_close(ours.sample, theirs, atol=1e-5, rtol=1e-5)
     det = ddim_step(x, eps, ab, ab_prev, eta=0.0)
     torch.testing.assert_close(det.sample, scheduler.step(eps, t, x, eta=0.0).prev_sample, atol=1e-5, rtol=1e-5)
+
+
+# ---- the mean and std against SPEC.md section 2, written out here in float64 NumPy (independently of
+# treegrpo.steps), on random states, velocities and per-sample sigmas.
+def _reference_sde(x, v, sigma, sigma_next, kind, a, sigma_max):
+    """SPEC.md 2: mean and std of one step, x, v: [B, D] float64, sigma, sigma_next: [B]."""
+    import numpy as np
+
+    sig, nxt = sigma[:, None], sigma_next[:, None]
+    dt = nxt - sig
+    if kind == "cps":
+        x0_hat, x1_hat = x - sig * v, x + (1 - sig) * v
+        s = nxt * np.sin(a * np.pi / 2)
+        return (1 - nxt) * x0_hat + np.sqrt(nxt**2 - s**2) * x1_hat, s
+    if kind == "flow_grpo":
+        sig_tilde = np.where(sig == 1.0, sigma_max, sig)
+        s = a * np.sqrt(sig / (1 - sig_tilde))
+    else:
+        s = np.full_like(sig, a)
+    mu = x * (1 + s**2 * dt / (2 * sig)) + v * (1 + s**2 * (1 - sig) / (2 * sig)) * dt
+    return mu, s * np.sqrt(-dt)
+
+
+@pytest.mark.parametrize("kind", ["flow_grpo", "dance", "cps"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sde_mean_and_std_equal_the_spec_formula_on_random_inputs(kind, seed):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    b = 64
+    x, v = rng.normal(size=(b, 48)) * rng.uniform(0.2, 3.0), rng.normal(size=(b, 48)) * rng.uniform(0.2, 3.0)
+    sigma = rng.uniform(0.05, 0.99, size=b)
+    sigma[:4] = 1.0  # pure noise: flow_grpo uses sigma_max there
+    sigma_next = sigma * rng.uniform(0.3, 0.97, size=b)
+    a, sigma_max = float(rng.uniform(0.2, 1.0)), 0.93
+    mu, std = _reference_sde(x, v, sigma, sigma_next, kind, a, sigma_max)
+    t = lambda arr: torch.tensor(arr, dtype=torch.float32)  # noqa: E731
+    ours_mu, ours_std = sde_mean_std(t(x).view(b, 3, 4, 4), t(v).view(b, 3, 4, 4), t(sigma), t(sigma_next), kind=kind,
+                                     noise_level=a, sigma_max=sigma_max)
+    # float32 against float64: relative 1e-5 of the terms' size (x and v enter with O(1..10) weights).
+    scale = float(np.abs(x).max() + np.abs(v).max())
+    torch.testing.assert_close(ours_mu.double().view(b, -1), torch.tensor(mu), rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(ours_std.double().flatten(), torch.tensor(np.broadcast_to(std, (b, 1))).flatten(),
+                               rtol=1e-5, atol=1e-7)
+    # The drift term matters: the mean differs from the Euler step by 100x the tolerance or more.
+    if kind != "cps":
+        euler = x + (sigma_next - sigma)[:, None] * v
+        assert np.abs(mu - euler).max() > 100 * 1e-5 * scale
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ddim_mean_and_std_equal_the_spec_formula_on_random_inputs(seed):
+    import numpy as np
+
+    from treegrpo.steps import ddim_mean_std
+
+    rng = np.random.default_rng(seed)
+    b = 32
+    x, e = rng.normal(size=(b, 27)), rng.normal(size=(b, 27))
+    ab = rng.uniform(0.01, 0.95, size=b)
+    ab_prev = ab + (1 - ab) * rng.uniform(0.05, 0.95, size=b)  # less noisy: larger alpha-bar
+    eta = float(rng.uniform(0.1, 1.0))
+    abc, abp = ab[:, None], ab_prev[:, None]
+    x0_hat = (x - np.sqrt(1 - abc) * e) / np.sqrt(abc)
+    std = eta * np.sqrt((1 - abp) / (1 - abc)) * np.sqrt(1 - abc / abp)
+    mu = np.sqrt(abp) * x0_hat + np.sqrt(1 - abp - std**2) * e
+    t = lambda arr: torch.tensor(arr, dtype=torch.float32)  # noqa: E731
+    ours_mu, ours_std = ddim_mean_std(t(x).view(b, 3, 3, 3), t(e).view(b, 3, 3, 3), t(ab), t(ab_prev), eta=eta)
+    scale = float(np.abs(x).max() / np.sqrt(ab.min()) + np.abs(e).max() / np.sqrt(ab.min()))
+    torch.testing.assert_close(ours_mu.double().view(b, -1), torch.tensor(mu), rtol=1e-5, atol=2e-6 * scale)
+    torch.testing.assert_close(ours_std.double().flatten(), torch.tensor(std).flatten(), rtol=1e-5, atol=1e-7)

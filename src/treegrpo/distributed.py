@@ -8,8 +8,9 @@ the gradients DDP all-reduces. Every helper is a no-op shortcut in a world of on
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -114,3 +115,77 @@ def reduce_metrics(accelerator: Any, record: dict[str, float], weights: dict[str
         else:
             out[key] = float((v[ok] * wt[ok]).sum() / wt[ok].sum())
     return out
+
+
+# ---- FSDP: sharded parameters and optimiser state, saved and restored as full (unsharded) state dicts.
+# The functions of torch.distributed.checkpoint.state_dict work for FSDP1 (accelerate's default on GPU),
+# FSDP2 (`fully_shard`) and unwrapped modules alike; they are collective: every rank calls them.
+
+
+def fsdp_requested() -> bool:
+    """Whether this process was started for FSDP (`accelerate launch --use_fsdp` or an FSDP config)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+@contextlib.contextmanager
+def accelerate_without_fsdp() -> Iterator[None]:
+    """Hide the FSDP request from accelerate while the Accelerator is built, for CPU processes.
+
+    accelerate 1.15 cannot shard on CPU: with `fsdp_version: 1` (its default) building the Accelerator
+    raises "There are currently no available devices found" (sync_module_states wants a GPU); with
+    version 2 it selects FSDP only for GPU-like distributed types, so on CPU (MULTI_CPU) the plugin is
+    dropped and the run is silently DDP. The trainer shards with torch's `fully_shard` itself there.
+    """
+    import os
+
+    saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = saved
+
+
+def _full_options(**extra: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **extra)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded parameters of an FSDP module under their original names, on the CPU (on the main
+    process; other ranks get an empty dict). Collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options(cpu_offload=True))
+
+
+def load_full_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load full (unsharded) `weights` (a subset of the parameters: the trainable ones) into an FSDP
+    module, each rank keeping its shard. Every rank passes the same weights. Collective."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    names = {name for name, _ in model.named_parameters()}
+    unknown = sorted(set(weights) - names)
+    if unknown:
+        raise ValueError(f"checkpoint does not match the model: unexpected {unknown[:3]}")
+    set_model_state_dict(model, weights, options=_full_options(strict=False))
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimiser state of a sharded model gathered into one full state dict keyed by parameter
+    names (AdamW: step, exp_avg, exp_avg_sq per parameter), on the CPU of the main process (other
+    ranks get an empty dict). Collective."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Restore a `full_optimizer_state` into the (sharded) optimiser: each rank keeps the slices of its
+    own shards. Every rank passes the same full state. Collective."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=_full_options())

@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 from treegrpo.advantages import tree_advantages
 from treegrpo.checkpoint import WEIGHTS, CheckpointError, CheckpointWriteError, load_state, load_weights, resume_checkpoint, save_checkpoint
 from treegrpo.config import Config, ConfigError, check_resume_config, save_config
-from treegrpo.distributed import (all_sum, any_rank, check_divisible, max_over_ranks, padded_shard, reduce_metrics,
-                                  shard_slice)
+from treegrpo.distributed import (accelerate_without_fsdp, all_sum, any_rank, check_divisible, fsdp_requested,
+                                  full_model_state, full_optimizer_state, load_full_model_state,
+                                  load_full_optimizer_state, max_over_ranks, padded_shard, reduce_metrics, shard_slice)
 from treegrpo.evaluation import (accuracy_kind, decode_chunked, evaluate_per_image, image_grid, save_image, score_images, side_by_side,
                                  summarize_eval)
 from treegrpo.loss import kl_to_reference, policy_loss
@@ -70,7 +71,11 @@ class Trainer:
         self.config = config
         self.out = Path(output_dir)
         # device_placement=False: the policy is built on its device (one GPU per rank) by us.
-        self.accelerator = Accelerator(cpu=config.model.device == "cpu", device_placement=False)
+        cpu = config.model.device == "cpu"
+        # FSDP on CPU processes: accelerate cannot (see accelerate_without_fsdp); torch's fully_shard can.
+        cpu_fsdp = cpu and fsdp_requested()
+        with accelerate_without_fsdp() if cpu_fsdp else contextlib.nullcontext():
+            self.accelerator = Accelerator(cpu=cpu, device_placement=False)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         check_divisible(config.train.prompts_per_iteration, self.world)  # before any work
@@ -110,12 +115,18 @@ class Trainer:
                 for p in self.reference.trainable_parameters():
                     p.requires_grad_(False)
         # One prepare call for model and optimiser (DeepSpeed needs both; DDP wraps the module).
+        self.cpu_fsdp = cpu_fsdp and self.world > 1  # one process has nothing to shard
         if self._sharded():
             self._prepare_sharded()
         module = self.policy.trainable_module()
+        if self.cpu_fsdp:
+            module = self._fully_shard(module)
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=o.lr,
                                       betas=tuple(o.betas), weight_decay=o.weight_decay)
-        self.model, self.optimizer = self.accelerator.prepare(module, optimizer)
+        if self.cpu_fsdp:  # already sharded: accelerate (MULTI_CPU) would wrap it in DDP as well
+            self.model, self.optimizer = module, self.accelerator.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(module, optimizer)
         attach_wrapped(self.policy, self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP may replace them
         if self.world > 1:
@@ -346,6 +357,8 @@ class Trainer:
                     if "first_ratio_dev" not in totals:  # on-policy check: 0 when old log-probs match
                         totals["first_ratio_dev"] = [(max(abs(out.stats["ratio_min"] - 1), abs(out.stats["ratio_max"] - 1)), 1)]
                 grad_norm = self.accelerator.clip_grad_norm_(self.params, o.grad_clip)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2 on CPU: a DTensor (replicated)
+                    grad_norm = grad_norm.full_tensor()
                 totals.setdefault("grad_norm", []).append((float(grad_norm), 1))
                 if not math.isfinite(float(grad_norm)):
                     raise FloatingPointError("non-finite gradient; lower optim.lr or check the rewards")
@@ -414,12 +427,35 @@ class Trainer:
 
         return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
-    def _prepare_sharded(self) -> None:
-        """FSDP / DeepSpeed: untested here (no GPU, no deepspeed in CI); say so, and give DeepSpeed the
-        micro-batch size it insists on when there is no dataloader."""
+    def _fsdp(self) -> bool:
+        """FSDP through accelerate (GPU) or through torch's fully_shard (CPU processes, see `_fully_shard`)."""
+        from accelerate.utils import DistributedType
+
+        return self.cpu_fsdp or self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _fully_shard(self, module: torch.nn.Module) -> torch.nn.Module:
+        """FSDP on CPU processes (gloo), which accelerate 1.15 does not do: torch's FSDP2 `fully_shard`
+        on the whole trainable module, one FSDP unit (parameters, gradients and AdamW state sharded over
+        the ranks; the full parameters are gathered for each forward). accelerate's FSDP options
+        (version, auto-wrap policy, offload...) do not apply on CPU; say so."""
+        from torch.distributed.fsdp import fully_shard
+
         if self.is_main:
-            warnings.warn(f"{self.accelerator.distributed_type.value} is untested with treegrpo (DDP is tested); "
-                          "checkpoints will not hold the sharded optimiser state")
+            warnings.warn("FSDP on CPU processes: accelerate does not shard on CPU, so treegrpo applies torch's FSDP2 "
+                          "fully_shard to the whole trainable module as one unit; the FSDP_* options of the accelerate "
+                          "config (version, auto-wrap policy, offload, state-dict type) are not used on CPU")
+        fully_shard(module)  # in place: the parameters become DTensor shards, forward gathers them
+        return module
+
+    def _prepare_sharded(self) -> None:
+        """accelerate's FSDP / DeepSpeed: untested on GPU here (FSDP is tested on CPU processes through
+        `_fully_shard`; no deepspeed in CI); say so, and give DeepSpeed the micro-batch size it insists on
+        when there is no dataloader."""
+        if self.is_main:
+            what = ("the checkpoint holds the full optimiser state (torch.distributed.checkpoint), as tested with "
+                    "FSDP2 on CPU" if self._fsdp() else "checkpoints will not hold the sharded optimiser state")
+            warnings.warn(f"{self.accelerator.distributed_type.value} on GPU is untested with treegrpo (DDP, and FSDP "
+                          f"on CPU processes, are tested); {what}")
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
@@ -432,15 +468,23 @@ class Trainer:
 
         rng = gather_object([self._rng_state()]) if self.world > 1 else [self._rng_state()]
         weights = trainable_state_dict(self.policy)  # the unwrapped module's trainable entries
-        optimizer_state: dict[str, Any] | None = self.optimizer.state_dict()
-        if self._sharded():
-            # FSDP / ZeRO hold shards: gather full weights; their optimiser shards are not saved.
+        optimizer_state: dict[str, Any] | None
+        if self._fsdp():
+            # Shards on every rank: gathered (collectively) into full weights and a full optimiser
+            # state keyed by parameter names, so a resume re-shards them on any number of processes.
+            full = full_model_state(self.model)
+            weights = {k: full[k] for k in weights if k in full}
+            optimizer_state = full_optimizer_state(self.model, self.optimizer.optimizer)
+        elif self._sharded():
+            # DeepSpeed ZeRO holds shards: gather full weights; its optimiser shards are not saved.
             full = self.accelerator.get_state_dict(self.model)
             weights = {k: full[k] for k in weights if k in full}
             optimizer_state = None
             if self.is_main:
-                warnings.warn("FSDP / DeepSpeed: the checkpoint holds the full trainable weights but not the sharded "
+                warnings.warn("DeepSpeed: the checkpoint holds the full trainable weights but not the sharded "
                               "optimiser state; a resume restarts AdamW's moments (untested path)")
+        else:
+            optimizer_state = self.optimizer.state_dict()
         state = {"iteration": self.iteration, "wall_seconds": self.elapsed, "model_calls": self.total_calls,
                  "world_size": self.world, "rng": rng, "window_schedule": self.method.state_dict(),
                  "lr_schedule": self.lr_schedule.state_dict(), "base_eval": self.base_eval,
@@ -495,9 +539,15 @@ class Trainer:
             return False
         check_resume_config(self.out / "config.yaml", self.config)
         state, optimizer_state = load_state(ckpt)
-        load_trainable_state_dict(self.policy, load_weights(ckpt / WEIGHTS))  # the file: already verified above
-        if optimizer_state is not None:
-            self.optimizer.load_state_dict(optimizer_state)
+        weights = load_weights(ckpt / WEIGHTS)  # the file: already verified above
+        if self._fsdp():  # every rank loads the full state and keeps its shards
+            load_full_model_state(self.model, weights)
+            if optimizer_state is not None:
+                load_full_optimizer_state(self.model, self.optimizer.optimizer, optimizer_state)
+        else:
+            load_trainable_state_dict(self.policy, weights)
+            if optimizer_state is not None:
+                self.optimizer.load_state_dict(optimizer_state)
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.method.load_state_dict(state.get("window_schedule"))
         rng = state.get("rng") or [{"torch": state["torch_rng"], "generator": state["generator"]}]
