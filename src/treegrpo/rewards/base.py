@@ -68,4 +68,5 @@ def _import_builtin_rewards() -> None:
     # The pretrained-model rewards import transformers only when one of them is built.
     import treegrpo.rewards.imagereward  # noqa: F401
     import treegrpo.rewards.preference  # noqa: F401
+    import treegrpo.rewards.remote  # noqa: F401
     import treegrpo.rewards.shapes  # noqa: F401
