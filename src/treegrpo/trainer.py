@@ -183,12 +183,14 @@ class Trainer:
                 bar.close()
                 self._stop()
             start = time.perf_counter()
-            before = self._rng_state(), copy.deepcopy(self.method.state_dict())
+            # The random state at the iteration's start, to checkpoint it should a reward fail (one process).
+            before = (self._rng_state(), copy.deepcopy(self.method.state_dict())) if self.world == 1 else None
             try:
                 record = self.step()
             except RewardError as err:
                 bar.close()
-                self._save_after_reward_failure(err, *before)
+                if before is not None:
+                    self._save_after_reward_failure(err, *before)
                 raise
             # The slowest rank's time, so every rank takes the same budget decision (else they hang).
             self.elapsed += max_over_ranks(self.accelerator, time.perf_counter() - start)
@@ -224,9 +226,7 @@ class Trainer:
         to the iteration's start and checkpoint the finished iterations, so a resume (with the reward
         working again) redoes that iteration exactly and nothing is lost. One process only: with
         several, a rank whose reward worked is already in a collective the failing one cannot join,
-        so the run stops at its last periodic checkpoint."""
-        if self.world > 1:
-            return
+        so the run stops at its last periodic checkpoint (and no state is kept for this)."""
         if self.last_checkpoint != self.iteration:
             self.generator.set_state(torch.tensor(rng["generator"], dtype=torch.uint8))
             torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
