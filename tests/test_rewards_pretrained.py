@@ -19,7 +19,7 @@ from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
 from treegrpo.config import ConfigError, load_config
 from treegrpo.rewards import build_reward, build_rewards
-from treegrpo.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
+from treegrpo.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform, LongestSidePad
 from treegrpo.rewards.weights import RewardWeightsError
 
 PROMPTS = ["a cat", "a dog", "cat", "a dog on a cat", "dog"]
@@ -62,6 +62,60 @@ def test_transform_crops_the_center_of_the_long_side():
     image[..., 112:336] = 1.0
     out = ImageTransform(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))(image)
     assert out.shape == (1, 3, 224, 224) and torch.allclose(out, torch.ones_like(out))
+
+
+# HPSv2.1's own preprocessing: longest side to 224 (PIL bicubic), zero pad centred, no crop
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)  # OpenAI CLIP's, typed from the paper's code
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+
+
+def hpsv2_reference(images: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """Written from hpsv2's transform (open_clip ResizeMaxSize, ToTensor, Normalize) on PIL images:
+    scale = size / longest side, new sides round(side * scale), PIL bicubic resize, paste at
+    ((size - w) // 2, (size - h) // 2) on a black size x size canvas, / 255, normalise."""
+    out = []
+    for image in images:
+        pil = to_pil(image)
+        width, height = pil.size
+        scale = size / max(width, height)
+        new_w, new_h = round(width * scale), round(height * scale)
+        resized = pil.resize((new_w, new_h), Image.BICUBIC)
+        canvas = Image.new("RGB", (size, size), (0, 0, 0))
+        canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
+        pixels = torch.tensor(np.array(canvas), dtype=torch.float32).permute(2, 0, 1) / 255
+        out.append((pixels - CLIP_MEAN) / CLIP_STD)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("height, width", [(480, 640), (640, 480), (512, 512), (200, 300)])
+def test_hps_transform_matches_hpsv2s_longest_side_resize_and_zero_pad(height, width):
+    images = random_images(2, height, width, seed=height + width)
+    ours = LongestSidePad(224)(images)
+    assert ours.shape == (2, 3, 224, 224)
+    torch.testing.assert_close(ours, hpsv2_reference(images), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("height, width, resized, before", [(480, 640, 168, 28), (200, 300, 149, 37)])
+def test_hps_transform_pads_black_centred_with_the_odd_row_below(height, width, resized, before):
+    """A white image: `before` pad rows above, the resized image, the rest below (and transposed
+    for a tall image); pad pixels are black before normalising, so -mean/std after. No PIL here."""
+    for tall in (False, True):
+        shape = (1, 3, width, height) if tall else (1, 3, height, width)
+        out = LongestSidePad(224, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))(torch.ones(shape))[0]
+        profile = out.mean(dim=(0, 1)) if tall else out.mean(dim=(0, 2))  # per column / per row
+        expected = torch.zeros(224)
+        expected[before:before + resized] = 1.0
+        assert torch.equal(profile, expected), (tall, profile)
+    normalised = LongestSidePad(224)(torch.ones(1, 3, height, width))[0]
+    torch.testing.assert_close(normalised[:, 0, 0], (-CLIP_MEAN / CLIP_STD).flatten())
+    torch.testing.assert_close(normalised[:, 112, 112], ((1 - CLIP_MEAN) / CLIP_STD).flatten())
+
+
+def test_hps_transform_differs_from_the_clip_crop_on_non_square_images_only():
+    """The bug it fixes: the shortest-side resize + centre crop saw another picture of a 640x480 image."""
+    wide, square = random_images(1, 480, 640, seed=3), random_images(1, 512, 512, seed=3)
+    assert (LongestSidePad(224)(wide) - ImageTransform()(wide)).abs().mean() > 0.5
+    assert (LongestSidePad(224)(square) - ImageTransform()(square)).abs().mean() < 0.01
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,6 +281,7 @@ def hps_files(tmp_path_factory):
     tokenizer = tiny_tokenizer()
     tiny_config(tokenizer, hidden_act="gelu").save_pretrained(folder / "clip_config")
     save_processor(tokenizer, folder / "clip_config")
+    (folder / "clip_config" / "preprocessor_config.json").unlink()  # hpsv2.1 preprocesses as hpsv2 does: not needed
     sd = random_openclip_state_dict()
     torch.save({"epoch": 1, "state_dict": sd}, folder / "HPS_v2.1_compressed.pt")
     return folder, sd
@@ -236,8 +291,9 @@ def test_hpsv21_conversion_matches_an_openclip_style_forward(hps_files):
     folder, sd = hps_files
     reward = build_reward("hpsv2.1", checkpoint=str(folder / "HPS_v2.1_compressed.pt"),
                           clip_config=str(folder / "clip_config"), device="cpu", batch_size=2)
-    images = random_images(5, 40, 56, seed=4)
-    pixels = reward.scorer.transform(images)
+    assert reward.scorer.transform == LongestSidePad(IMAGE_SIZE)  # hpsv2's preprocessing at the model's size
+    images = random_images(5, 40, 56, seed=4)  # not square: resized to 23 x 32, padded to 32 x 32
+    pixels = hpsv2_reference(images, IMAGE_SIZE)
     ids = reward.scorer.tokenizer(PROMPTS, padding="max_length", max_length=16, truncation=True, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         image_ref, text_ref = openclip_encode_image(sd, pixels), openclip_encode_text(sd, ids)

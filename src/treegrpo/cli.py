@@ -7,6 +7,7 @@
     treegrpo pretrain {compose|shapes|classifier} [--out PATH] [--steps N] [--seed S]
     treegrpo bench [--methods a,b] [--seeds 0 1 2] [--variant NAME:key=value,...] [--quick] [--out DIR]
     treegrpo report {RUN_DIR|BENCH_DIR} [--out FILE]
+    treegrpo serve-reward NAME [--host 127.0.0.1] [--port N] [--reward-option KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -161,8 +162,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from treegrpo.evaluation import (accuracy_kind, evaluate, load_image_folder, normalized_scores, reward_statistics,
                                      score_image_list, summarize_eval, world_accuracy)
+    from treegrpo.config import RewardConfig, load_config
     from treegrpo.prompts import load_prompts
     from treegrpo.rewards import build_rewards
+    from treegrpo.rewards.retry import with_retries
 
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]
     baseline = None
@@ -176,8 +179,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--baseline {args.baseline!r} is not valid JSON: {err}") from None
         if not isinstance(baseline, dict):
             raise ValueError(f"--baseline {args.baseline!r} must hold a JSON object like {{\"reward/NAME\": mean}}")
-    # Rewards first: a missing reward model should fail before minutes of sampling.
-    rewards = build_rewards(names, parse_reward_options(args.config, args.reward_option))
+    # Rewards first: a missing reward model should fail before minutes of sampling. A reward that
+    # raises (a remote scorer timing out) is retried as in training (reward.retries, retry_delay).
+    retry = load_config(args.config).reward if args.config else RewardConfig()
+    rewards = with_retries(build_rewards(names, parse_reward_options(args.config, args.reward_option)),
+                           retry.retries, retry.retry_delay)
     if args.images:
         images, prompts = load_image_folder(args.images)
         metrics = reward_statistics(score_image_list(images, prompts, rewards))
@@ -202,6 +208,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(text)
+    return 0
+
+
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    from treegrpo.config import ConfigError
+    from treegrpo.rewards import available_rewards
+    from treegrpo.rewards.remote import serve_reward
+
+    if args.name not in available_rewards():
+        import difflib
+
+        close = difflib.get_close_matches(args.name, available_rewards(), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(f"unknown reward {args.name!r}.{hint} Available: {', '.join(available_rewards())}")
+    if args.name == "remote":
+        raise ConfigError("serve-reward serves a reward computed here; 'remote' would only forward to another server")
+    bad = [flag for flag in args.reward_option if "=" not in flag or not flag.partition("=")[0].strip()]
+    if bad:
+        raise ConfigError(f"--reward-option {bad[0]!r} must look like KEY=VALUE (e.g. checkpoint=/path.pt)")
+    options = parse_reward_options(None, [f"{args.name}:{flag}" for flag in args.reward_option])
+
+    def ready(server) -> None:
+        # One line on stdout, flushed: scripts (and the tests) read the address from it.
+        print(f"serving reward {args.name!r} at {server.url} (POST /score, GET /health); Ctrl-C stops", flush=True)
+
+    try:
+        serve_reward(args.name, options.get(args.name, {}), args.host, args.port, ready)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -310,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("directory", help="a run directory (train's --output-dir) or a bench directory (bench's --out)")
     report.add_argument("--out", help="the HTML file to write (default DIRECTORY/report.html)")
     report.set_defaults(func=cmd_report)
+
+    serve = sub.add_parser("serve-reward", help="serve a registered reward over HTTP (for reward=remote elsewhere)")
+    serve.add_argument("name", help="the reward to serve, e.g. hpsv2.1, imagereward, shapes")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (no authentication: keep it private)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (printed)")
+    serve.add_argument("--reward-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="an option of the served reward (repeatable), e.g. checkpoint=/path/HPS_v2.1_compressed.pt")
+    serve.set_defaults(func=cmd_serve_reward)
 
     pre = sub.add_parser("pretrain", help="re-create a shipped model: the embedded SD3 pipeline (compose), the old "
                          "shapes model or its reward classifier")

@@ -356,6 +356,16 @@ def validate_reward_options(options: dict[str, Any], known: list[str] | None = N
 RESUME_MAY_CHANGE = ("model.device", "train.iterations", "train.max_seconds", "train.max_model_calls", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.progress", "eval.every", "log.trackers", "log.tree_every",
                      "reward.retries", "reward.retry_delay")
+# Reward options that say where a reward runs, not what it computes (a reward server restarted on
+# another port or machine): they may change too.
+RESUME_MAY_CHANGE_OPTIONS = {"remote": ("url", "timeout")}
+
+
+def _without_location_options(section: dict[str, Any]) -> dict[str, Any]:
+    """The reward section with RESUME_MAY_CHANGE_OPTIONS removed from reward.options."""
+    options = {name: {k: v for k, v in opts.items() if k not in RESUME_MAY_CHANGE_OPTIONS.get(name, ())}
+               for name, opts in section.get("options", {}).items()}
+    return {**section, "options": options}
 
 
 def check_resume_config(stored: str | Path, config: Config) -> None:
@@ -369,12 +379,13 @@ def check_resume_config(stored: str | Path, config: Config) -> None:
     except ConfigError as err:
         raise ConfigError(f"the run's stored config is invalid ({err}); start a new run in another directory") from None
     new = config.to_dict()
+    old["reward"], new["reward"] = _without_location_options(old["reward"]), _without_location_options(new["reward"])
     diffs = [f"{s}.{k}: {old[s][k]!r} in the run, {new[s][k]!r} now" for s in new for k in new[s]
              if f"{s}.{k}" not in RESUME_MAY_CHANGE and old[s][k] != new[s][k]]
     if diffs:
         raise ConfigError(f"{stored.parent} holds a run with a different config ({'; '.join(diffs)}). Continue it "
                           f"with `treegrpo train --resume {stored.parent}` (only {', '.join(RESUME_MAY_CHANGE)} may "
-                          f"change), or pass a new --output-dir")
+                          f"change, and reward.options.remote.url / timeout), or pass a new --output-dir")
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -52,7 +52,7 @@ from treegrpo.policies.base import attach_wrapped
 from treegrpo.policies.lora import BaseModelView
 from treegrpo.prompts import load_prompts
 from treegrpo.rewards import build_rewards
-from treegrpo.rewards.retry import with_retries
+from treegrpo.rewards.retry import RewardError, with_retries
 from treegrpo.rollout import rollout, transition
 from treegrpo.steps import gaussian_log_prob
 from treegrpo.stopping import StopSignals, TrainingStopped
@@ -195,7 +195,15 @@ class Trainer:
                 bar.close()
                 self._stop()
             start = time.perf_counter()
-            record = self.step()
+            # The random state at the iteration's start, to checkpoint it should a reward fail (one process).
+            before = (self._rng_state(), copy.deepcopy(self.method.state_dict())) if self.world == 1 else None
+            try:
+                record = self.step()
+            except RewardError as err:
+                bar.close()
+                if before is not None:
+                    self._save_after_reward_failure(err, *before)
+                raise
             # The slowest rank's time, so every rank takes the same budget decision (else they hang).
             self.elapsed += max_over_ranks(self.accelerator, time.perf_counter() - start)
             self.iteration += 1
@@ -224,6 +232,27 @@ class Trainer:
         self.logger.finish()
         self.accelerator.wait_for_everyone()
         return summary
+
+    def _save_after_reward_failure(self, err: RewardError, rng: dict[str, Any], window: Any) -> None:
+        """A reward kept failing inside an iteration, before any update: put the random state back
+        to the iteration's start and checkpoint the finished iterations, so a resume (with the reward
+        working again) redoes that iteration exactly and nothing is lost. One process only: with
+        several, a rank whose reward worked is already in a collective the failing one cannot join,
+        so the run stops at its last periodic checkpoint (and no state is kept for this)."""
+        if self.last_checkpoint != self.iteration:
+            self.generator.set_state(torch.tensor(rng["generator"], dtype=torch.uint8))
+            torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+            if "cuda" in rng:
+                torch.cuda.set_rng_state_all([torch.tensor(c, dtype=torch.uint8) for c in rng["cuda"]])
+            self.method.load_state_dict(window)
+            try:
+                self._checkpoint(final=True)
+            except CheckpointWriteError as write_err:
+                err.args = (f"{err}; and {write_err}",)
+                return
+        if self.last_checkpoint is not None:
+            err.args = (f"{err}. The run is saved at iteration {self.last_checkpoint}; once the reward works again, "
+                        f"continue it with: treegrpo train --resume {self.out}",)
 
     def _budget_spent(self) -> bool:
         t = self.config.train

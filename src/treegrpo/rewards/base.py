@@ -69,4 +69,5 @@ def _import_builtin_rewards() -> None:
     import treegrpo.rewards.imagereward  # noqa: F401
     import treegrpo.rewards.preference  # noqa: F401
     import treegrpo.rewards.compose  # noqa: F401
+    import treegrpo.rewards.remote  # noqa: F401
     import treegrpo.rewards.shapes  # noqa: F401

@@ -81,8 +81,8 @@ class ClipScorer:
     Texts are padded to the model's context length and truncated to it (77 for CLIP).
     """
 
-    def __init__(self, model, tokenizer, transform: ImageTransform, device: str = "auto", dtype: str = "float32",
-                 batch_size: int = 32, reward: str = "clip") -> None:
+    def __init__(self, model, tokenizer, transform: Callable[[torch.Tensor], torch.Tensor], device: str = "auto",
+                 dtype: str = "float32", batch_size: int = 32, reward: str = "clip") -> None:
         if batch_size < 1:
             raise ConfigError(f"reward.options.{reward}.batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)

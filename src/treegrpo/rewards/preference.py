@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from treegrpo.rewards.base import register_reward
-from treegrpo.rewards.clip import CLIP_CONFIG_FILES, ClipScorer, build_model_without_init, check_batch, load_tokenizer_and_transform
-from treegrpo.rewards.weights import RewardWeightsError, load_all, load_pretrained, resolve_file
+from treegrpo.rewards.clip import CLIP_CONFIG_FILES, ClipScorer, build_model_without_init, check_batch
+from treegrpo.rewards.preprocess import LongestSidePad
+from treegrpo.rewards.weights import RewardWeightsError, check_tokenizer, load_all, load_pretrained, resolve_file
 
 CLIP_L14 = "openai/clip-vit-large-patch14"
 CLIP_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -81,23 +82,29 @@ class HPSv21:
 
     Weights: ``checkpoint`` (default ``xswu/HPSv2`` / ``HPS_v2.1_compressed.pt``, a dict whose
     ``state_dict`` holds open_clip keys) converted into a transformers CLIPModel
-    (``treegrpo.rewards.openclip_convert``) whose config, tokenizer and image processor come from
-    ``clip_config`` (default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``; only its small config and
-    tokenizer files are read, not its weights).
+    (``treegrpo.rewards.openclip_convert``) whose config and tokenizer come from ``clip_config``
+    (default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``; only its small config and tokenizer files
+    are read, not its weights). Images are preprocessed as the hpsv2 package does
+    (`LongestSidePad`: longest side to the config's image size, zero pad, no centre crop), not with
+    that repo's CLIP image processor.
     """
 
     def __init__(self, checkpoint: str | None = None, clip_config: str | None = None, device: str = "auto",
                  dtype: str = "float32", batch_size: int = 32) -> None:
-        from transformers import CLIPConfig, CLIPModel
+        from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
         from treegrpo.rewards.openclip_convert import openclip_to_transformers
 
         def config_and_tokenizer():
+            what = "the ViT-H-14 config and tokenizer"
             config = load_pretrained("hpsv2.1", CLIPConfig.from_pretrained, clip_config, CLIP_H14, "clip_config",
-                                     "the ViT-H-14 config and tokenizer", CLIP_CONFIG_FILES)
-            return config, *load_tokenizer_and_transform("hpsv2.1", clip_config, CLIP_H14, "clip_config")
+                                     what, CLIP_CONFIG_FILES)
+            tokenizer = load_pretrained("hpsv2.1", CLIPTokenizer.from_pretrained, clip_config, CLIP_H14, "clip_config",
+                                        what, CLIP_CONFIG_FILES)
+            return config, check_tokenizer("hpsv2.1", tokenizer, clip_config, CLIP_H14,
+                                           "vocab.json merges.txt (or tokenizer.json)", "clip_config")
 
-        (config, tokenizer, transform), path = load_all(
+        (config, tokenizer), path = load_all(
             config_and_tokenizer, lambda: resolve_file("hpsv2.1", HPS_REPO, HPS_V21_FILE, checkpoint, "checkpoint"))
         raw = load_torch_checkpoint("hpsv2.1", path)
         state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
@@ -106,6 +113,9 @@ class HPSv21:
         except (KeyError, RuntimeError) as err:
             raise RewardWeightsError(f"reward 'hpsv2.1': {path!r} does not fit the CLIP config of "
                                      f"{clip_config or CLIP_H14!r}: {err}") from None
+        # Not the CLIP processor's shortest-side resize and centre crop: hpsv2's own longest-side
+        # resize and zero pad (on a 640x480 image the two differ by ~0.04 in score).
+        transform = LongestSidePad(int(config.vision_config.image_size))
         self.scorer = ClipScorer(model, tokenizer, transform, device, dtype, batch_size, reward="hpsv2.1")
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
