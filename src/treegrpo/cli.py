@@ -1,8 +1,8 @@
 """The `treegrpo` command: train, sample, eval, pretrain.
 
     treegrpo train [CONFIG.yaml] [section.key=value ...] [--output-dir DIR]
-    treegrpo sample --checkpoint {base|RUN_DIR|PATH} [--prompts heldout|train|FILE] [--seeds N] --out DIR
-    treegrpo eval --checkpoint {base|RUN_DIR|PATH} [--rewards a,b] [--prompts heldout|train|FILE] [--seeds N]
+    treegrpo sample --checkpoint {base|compose|RUN_DIR|PATH} [--prompts all|heldout|train|FILE] [--seeds N] --out DIR
+    treegrpo eval --checkpoint {base|compose|RUN_DIR|PATH} [--rewards a,b] [--prompts all|heldout|train|FILE] [--seeds N]
                   [--reward-option NAME:KEY=VALUE ...] [--images DIR] [--baseline BASE.json] [--out FILE.json]
     treegrpo pretrain {compose|shapes|classifier} [--out PATH] [--steps N] [--seed S]
     treegrpo bench [--methods a,b] [--seeds 0 1 2] [--variant NAME:key=value,...] [--quick] [--out DIR]
@@ -29,10 +29,10 @@ def _resolve_policy(spec: str, guidance_scale: float | None = None):
     from treegrpo.config import load_config
     from treegrpo.policies import build_policy, load_policy, load_trainable_state_dict
 
-    if spec == "base":  # the embedded SD3 pipeline of the compositional world
-        return load_policy("base", guidance_scale=guidance_scale), {"family": "sd3", "num_steps": 10}
-    if spec == "shapes":
+    if spec in ("base", "shapes"):  # the default model: the embedded shapes model
         return load_policy("shapes", "shapes", guidance_scale=guidance_scale), {"family": "shapes", "num_steps": 10}
+    if spec == "compose":  # the embedded SD3 pipeline of the compositional world
+        return load_policy("compose", guidance_scale=guidance_scale), {"family": "sd3", "num_steps": 10}
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {spec!r} does not exist (use 'base', a run directory, a checkpoint path "
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="treegrpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="RL-train a model (default: TreeGRPO on the embedded SD3 pipeline)")
+    train = sub.add_parser("train", help="RL-train a model (default: TreeGRPO on the embedded shapes model)")
     train.add_argument("config", nargs="?", help="YAML config (optional)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
     train.add_argument("--output-dir", help="run directory (default runs/METHOD-TIMESTAMP); an existing one resumes")
@@ -306,11 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, helptext in (("sample", cmd_sample, "write ODE samples as PNGs with an index.jsonl"),
                                  ("eval", cmd_eval, "mean rewards on held-out prompts and seeds (and the world's accuracies) as JSON")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--checkpoint", default="base", help="base (the embedded SD3 pipeline), a run directory, a "
-                       "checkpoint path, or a diffusers pipeline folder")
-        p.add_argument("--prompts", default="heldout", help="heldout (300 held-out prompts of the compositional "
-                       "world), train (its 1,302 RL prompts), shapes (the old 54 shapes prompts) or a prompt file "
-                       "(.txt, .jsonl, .csv)")
+        p.add_argument("--checkpoint", default="base", help="base (the embedded shapes model), compose (the "
+                       "compositional world's SD3 pipeline), a run directory, a checkpoint path, or a diffusers "
+                       "pipeline folder")
+        p.add_argument("--prompts", default="all", help="all (the 54 shapes prompts), heldout (the compositional "
+                       "world's 300 held-out prompts), train (its 1,302 RL prompts) or a prompt file (.txt, .jsonl, .csv)")
         p.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
         p.add_argument("--seed-offset", type=int, default=1_000_000, help="first seed (held-out seeds by default)")
         p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the run's)")
@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sample":
             p.add_argument("--out", required=True, help="output directory")
         else:
-            p.add_argument("--rewards", default="compose,compose_strict",
+            p.add_argument("--rewards", default="shapes,shape,color,background",
                            help="comma-separated reward names, e.g. hpsv2.1,imagereward,aesthetic,clipscore")
             p.add_argument("--reward-option", action="append", default=[], metavar="NAME:KEY=VALUE",
                            help="a reward option (repeatable), e.g. hpsv2.1:checkpoint=/path/HPS_v2.1_compressed.pt")

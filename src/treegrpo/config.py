@@ -27,8 +27,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    family: str = "auto"  # auto (from the pipeline's class), sd3, flux, sd15, or shapes (the old 16x16 test model)
-    pretrained: str = "base"  # "base" (the shipped SD3 pipeline of the compositional world), "shapes", a local folder, or a Hugging Face model id (cached)
+    family: str = "shapes"  # shapes (the 16x16 demo model), sd3, flux, sd15, or auto (from the pipeline's class)
+    # "base": the family's shipped base model (shapes: the 16x16 model; sd3 or auto: the compositional
+    # world's SD3 pipeline, also "compose"), a local folder, or a Hugging Face model id (cached)
+    pretrained: str = "base"
     num_steps: int = 10  # denoising steps T (NFE without CFG)
     guidance_scale: float | None = None  # CFG scale (FLUX: the distilled guidance embedding); None = the family's default
     resolution: int | None = None  # image side in pixels (diffusers families); None = the model's default
@@ -73,8 +75,8 @@ class MethodConfig:
 class RewardConfig:
     # reward name -> weight; several rewards are standardised per prompt group, weighted, standardised
     # again (the paper's HPS-v2.1 : CLIPScore 4:1 is `weights: {hpsv2.1: 0.8, clipscore: 0.2}`)
-    weights: dict[str, float] = field(default_factory=lambda: {"compose": 1.0})
-    eval: list[str] = field(default_factory=lambda: ["compose", "compose_strict"])
+    weights: dict[str, float] = field(default_factory=lambda: {"shapes": 1.0})
+    eval: list[str] = field(default_factory=lambda: ["shapes", "shape", "color", "background"])
     # reward name -> its constructor options, e.g. {hpsv2.1: {checkpoint: /path/HPS_v2.1_compressed.pt,
     # device: cuda}}; see each reward's docstring (treegrpo.rewards.preference) for its keys
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -101,7 +103,7 @@ class OptimConfig:
 class TrainConfig:
     iterations: int = 60
     prompts_per_iteration: int = 16
-    prompts: str = "train"  # training prompts: "train" (the compositional world's 1,302 RL prompts), "shapes", or a prompt file (.txt, .jsonl, .csv)
+    prompts: str = "all"  # training prompts: "all" (the 54 shapes prompts), "train" (the compositional world's 1,302 RL prompts), or a prompt file (.txt, .jsonl, .csv)
     seed: int = 0
     max_batch: int = 512  # rows per model call (rollout and training chunks)
     train_seeds: str = "random"  # training noise is fresh each iteration; eval uses held-out seeds
@@ -115,7 +117,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 20  # iterations between held-out evaluations (0 = start and end only)
-    prompts: str = "heldout"  # "heldout" (the compositional world's 300 held-out prompts), "shapes", or a prompt file path
+    prompts: str = "all"  # "all" (the 54 shapes prompts), "heldout" (the compositional world's 300 held-out prompts), or a prompt file path
     num_seeds: int = 4  # held-out seeds per prompt
     seed_offset: int = 1_000_000  # held-out seeds start here (training never uses them)
     grid_prompts: int = 18  # prompts shown in the sample grids

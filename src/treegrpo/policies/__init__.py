@@ -14,7 +14,7 @@ def build_policy(model_config) -> Policy:
     """The policy a `ModelConfig` describes: `load_policy`, plus LoRA adapters when `lora_rank > 0`."""
     c = model_config
     options = {"guidance_scale": c.guidance_scale, "device": c.device}
-    if c.family != "shapes" and c.pretrained != "shapes":
+    if c.family != "shapes":
         options.update(resolution=c.resolution, negative_prompt=c.negative_prompt, mixed_precision=c.mixed_precision,
                        gradient_checkpointing=c.gradient_checkpointing, true_cfg_scale=c.true_cfg_scale)
     policy = load_policy(c.pretrained, c.family, **options)
