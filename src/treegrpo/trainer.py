@@ -37,10 +37,12 @@ import torch
 from tqdm.auto import tqdm
 
 from treegrpo.advantages import tree_advantages
-from treegrpo.checkpoint import WEIGHTS, CheckpointError, CheckpointWriteError, load_state, load_weights, resume_checkpoint, save_checkpoint
+from treegrpo.checkpoint import (EMA_WEIGHTS, WEIGHTS, CheckpointError, CheckpointWriteError, load_state, load_weights,
+                                 resume_checkpoint, save_checkpoint)
 from treegrpo.config import Config, ConfigError, check_resume_config, save_config
 from treegrpo.distributed import (all_sum, any_rank, check_divisible, max_over_ranks, padded_shard, reduce_metrics,
                                   shard_slice)
+from treegrpo.ema import EMA
 from treegrpo.evaluation import (decode_chunked, evaluate_per_image, image_grid, save_image, score_images, side_by_side,
                                  summarize_eval)
 from treegrpo.loss import kl_to_reference, policy_loss
@@ -117,6 +119,13 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(module, optimizer)
         attach_wrapped(self.policy, self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP may replace them
+        self.ema: EMA | None = None  # the EMA of the trainable weights: what evaluation and the export use
+        if o.ema_decay > 0:
+            if self._sharded():
+                raise ConfigError("optim.ema_decay > 0 needs the full trainable weights on every process; FSDP / "
+                                  "DeepSpeed shard them: set optim.ema_decay=0 or train with DDP")
+            live = dict(self.policy.trainable_module().named_parameters())
+            self.ema = EMA({name: live[name] for name in trainable_state_dict(self.policy)}, o.ema_decay)
         if self.world > 1:
             torch.manual_seed(config.train.seed + self.rank)  # each rank its own torch stream from here
         warmup = max(o.warmup_iterations * o.minibatches * o.epochs, 0)
@@ -350,6 +359,8 @@ class Trainer:
                     raise FloatingPointError("non-finite gradient; lower optim.lr or check the rewards")
                 self.optimizer.step()
                 self.lr_schedule.step()
+                if self.ema is not None:
+                    self.ema.update()
         stats = {f"train/{k}": sum(v * w for v, w in vw) / sum(w for _, w in vw) for k, vw in totals.items()}
         if "train/ratio_min" in stats:
             stats["train/ratio_min"] = min(v for v, _ in totals["ratio_min"])
@@ -370,8 +381,9 @@ class Trainer:
         c = self.config
         eval_rewards = {n: self.rewards[n] for n in c.reward.eval}
         local, real = padded_shard(self.eval_prompts, self.rank, self.world)
-        per_image, images = evaluate_per_image(self.policy, local, self.eval_seeds, eval_rewards, self.num_steps,
-                                               c.train.max_batch, shapes_accuracy=c.model.family == "shapes")
+        with self._ema_weights():
+            per_image, images = evaluate_per_image(self.policy, local, self.eval_seeds, eval_rewards, self.num_steps,
+                                                   c.train.max_batch, shapes_accuracy=c.model.family == "shapes")
         num_seeds = len(self.eval_seeds)
         per_image = {k: v[:real * num_seeds] for k, v in per_image.items()}
         # The grid: the same prompts (rows) and held-out seeds (columns) every time, taken from the
@@ -397,6 +409,10 @@ class Trainer:
 
                 save_image(side_by_side(Image.open(start).convert("RGB"), grid), self.out / "samples" / "start_vs_latest.png")
         return metrics
+
+    def _ema_weights(self) -> contextlib.AbstractContextManager:
+        """The model holds the EMA weights inside the block (when optim.ema_decay > 0), the raw ones after."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def _log(self, record: dict[str, Any]) -> None:
         self.logger.log(record)
@@ -448,11 +464,13 @@ class Trainer:
         if self.is_main:
             try:
                 save_checkpoint(self.out, self.iteration, weights, optimizer_state, state,
-                                keep=self.config.train.keep_checkpoints)
+                                keep=self.config.train.keep_checkpoints,
+                                ema_weights=None if self.ema is None else self.ema.state_dict())
                 if self.config.model.lora_rank > 0 and hasattr(self.policy, "save_lora_weights"):
                     # The LoRA result in diffusers' format (pipe.load_lora_weights(RUN_DIR/lora)); written
-                    # atomically by the policy, which holds the unwrapped module.
-                    self.policy.save_lora_weights(self.out / "lora")
+                    # atomically by the policy, which holds the unwrapped module. The EMA, when kept.
+                    with self._ema_weights():
+                        self.policy.save_lora_weights(self.out / "lora")
             except (CheckpointWriteError, OSError) as err:
                 error = err
         # Every rank learns the outcome, so all of them go on (or stop) together.
@@ -495,6 +513,10 @@ class Trainer:
         check_resume_config(self.out / "config.yaml", self.config)
         state, optimizer_state = load_state(ckpt)
         load_trainable_state_dict(self.policy, load_weights(ckpt / WEIGHTS))  # the file: already verified above
+        if self.ema is not None:
+            if not (ckpt / EMA_WEIGHTS).is_file():
+                raise CheckpointError(f"checkpoint {ckpt} holds no EMA weights ({EMA_WEIGHTS}) but optim.ema_decay > 0")
+            self.ema.load_state_dict(load_weights(ckpt / EMA_WEIGHTS))
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
         self.lr_schedule.load_state_dict(state["lr_schedule"])
