@@ -48,7 +48,7 @@ from treegrpo.evaluation import (decode_chunked, evaluate_per_image, image_grid,
 from treegrpo.loss import kl_to_reference, policy_loss
 from treegrpo.methods import Method
 from treegrpo.memory import PeakMemory
-from treegrpo.policies import Policy, build_policy, load_trainable_state_dict, trainable_state_dict
+from treegrpo.policies import Policy, build_policy, enable_prompt_cache, load_trainable_state_dict, trainable_state_dict
 from treegrpo.policies.base import attach_wrapped
 from treegrpo.policies.lora import BaseModelView
 from treegrpo.prompts import load_prompts
@@ -86,6 +86,11 @@ class Trainer:
                 model_config.device = str(self.accelerator.device)  # each rank on its own GPU
             policy = build_policy(model_config)
         self.policy = policy
+        if config.model.offload_text_encoders:  # also for a policy handed in (build_policy already did it)
+            if not hasattr(policy, "offload_text_encoders"):
+                raise ConfigError(f"model.offload_text_encoders: {type(policy).__name__} has no text encoders to "
+                                  "offload (a diffusers family does); remove the key")
+            policy.offload_text_encoders()
         self.device = torch.device(getattr(policy, "device", "cpu"))
         self.num_steps = config.model.num_steps
         self.schedule = self.policy.schedule(self.num_steps)
@@ -110,6 +115,9 @@ class Trainer:
                 self.reference = copy.deepcopy(self.policy)
                 for p in self.reference.trainable_parameters():
                     p.requires_grad_(False)
+        if config.model.prompt_cache > 0:
+            # Each distinct prompt through the text encoders once per run (training and evaluation).
+            enable_prompt_cache(self.policy, config.model.prompt_cache)
         # One prepare call for model and optimiser (DeepSpeed needs both; DDP wraps the module).
         if self._sharded():
             self._prepare_sharded()
