@@ -42,8 +42,8 @@ class ModelConfig:
     lora_targets: list[str] | None = None  # module names for LoRA; None = the family's default (attention projections)
     # Prompt embeddings: each distinct prompt is encoded once (alone, so its embedding does not depend
     # on the other prompts of a batch) and kept in host memory, up to this many prompts (least
-    # recently used dropped first); 0 = encode every call's prompts afresh. SD3.5 in bf16 keeps ~2.7 MB
-    # per prompt (333 tokens x 4096), the shapes model 10 kB.
+    # recently used dropped first); 0 = encode every call's prompts afresh. SD3.5 in bf16 keeps ~5.4 MB
+    # per prompt (333 tokens x 4096, and the negative prompt's rows for CFG), the shapes model 5 kB.
     prompt_cache: int = 4096
     # diffusers families: keep the text encoders on the CPU (prompts are encoded there, on demand,
     # and their embeddings moved to model.device), freeing their accelerator memory (T5-XXL: ~9.5 GB

@@ -83,8 +83,8 @@ class DiffusersPolicy:
             raise ValueError(f"{self.family}: resolution must be a multiple of {self.latent_multiple()}, got {self.resolution}")
         # Frozen parts live in the compute dtype; the denoiser too (LoRA weights are made fp32 in add_lora).
         self.text_encoders_offloaded = offload_text_encoders
-        if device is not None:
-            self._place(device)
+        if device is not None or offload_text_encoders:
+            self._place(device if device is not None else self.device)
         if pipe.dtype != self.dtype:
             pipe.to(dtype=self.dtype)
         for module in self._components():
