@@ -62,3 +62,44 @@ def test_shipped_method_configs_load_and_build_their_shape(name):
     assert c.method.name == name
     shape = Method(c.method, c.model.num_steps).shape_for(0, torch.Generator().manual_seed(0))
     assert shape.num_trained_edges > 0
+
+
+def test_train_seeds_is_refused_but_an_old_runs_stored_config_still_loads(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.train_seeds was removed: it was never read.*Delete it"):
+        load_config(None, ["train.train_seeds=random"])
+    old = tmp_path / "config.yaml"  # what save_config wrote before the key was removed
+    old.write_text("train:\n  train_seeds: random\n  iterations: 7\n")
+    with pytest.raises(ConfigError, match="train.train_seeds was removed"):
+        load_config(old)
+    assert load_config(old, stored=True).train.iterations == 7
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.resolution=64"], r"model.resolution=64 does nothing for model.family='shapes'"),
+    (["model.negative_prompt=blurry"], r"model.negative_prompt='blurry' does nothing for model.family='shapes'"),
+    (["model.mixed_precision=bf16"], r"model.mixed_precision='bf16' does nothing for model.family='shapes'"),
+    (["model.gradient_checkpointing=true"], r"model.gradient_checkpointing=True does nothing for model.family='shapes'"),
+    (["model.offload_text_encoders=true"], r"model.offload_text_encoders=True does nothing for model.family='shapes'"),
+    (["model.true_cfg_scale=2"], r"model.true_cfg_scale is FLUX's true CFG: it does nothing for model.family='shapes'"),
+    (["model.family=sd3", "model.pretrained=x", "model.true_cfg_scale=2"], r"true_cfg_scale.*nothing for model.family='sd3'"),
+    (["model.family=sd15", "model.pretrained=x", "model.true_cfg_scale=2"], r"true_cfg_scale.*nothing for model.family='sd15'"),
+    (["model.lora_alpha=16"], r"model.lora_alpha=16.0 does nothing without LoRA"),
+    (["model.lora_targets=[to_q]"], r"model.lora_targets=\['to_q'\] does nothing without LoRA"),
+    (["model.family=flux", "model.pretrained=x", "model.negative_prompt=blurry"], r"unless model.true_cfg_scale > 1"),
+    (["model.family=sd3", "model.pretrained=x", "model.guidance_scale=1", "model.negative_prompt=blurry"],
+     r"negative_prompt does nothing with model.guidance_scale=1.0"),
+    (["model.family=analytic", "model.guidance_scale=3"], r"model.guidance_scale=3.0 does nothing for model.family='analytic'"),
+    (["model.family=analytic", "model.pretrained=/some/folder"], r"model.pretrained='/some/folder' does nothing"),
+])
+def test_model_keys_the_family_ignores_are_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_model_keys_the_family_reads_are_accepted():
+    load_config(None, ["model.lora_rank=4", "model.lora_alpha=16", "model.lora_targets=[to_q]", "model.guidance_scale=2"])
+    load_config(None, ["model.family=flux", "model.pretrained=x", "model.true_cfg_scale=2", "model.negative_prompt=blurry",
+                       "model.resolution=64", "model.mixed_precision=bf16", "model.gradient_checkpointing=true",
+                       "model.offload_text_encoders=true"])
+    load_config(None, ["model.family=sd3", "model.pretrained=x", "model.negative_prompt=blurry"])  # family CFG default 4.5
+    load_config(None, ["model.family=auto", "model.pretrained=x", "model.true_cfg_scale=2"])  # checked once loaded

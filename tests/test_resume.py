@@ -63,6 +63,11 @@ def assert_same_state(a: Path, b: Path) -> None:
     wa, wb = load_file(str(ca / "trainable.safetensors")), load_file(str(cb / "trainable.safetensors"))
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "trainable weights differ"
+    assert (ca / "ema.safetensors").is_file() == (cb / "ema.safetensors").is_file()
+    if (ca / "ema.safetensors").is_file():  # optim.ema_decay > 0: the EMA resumes bitwise too
+        ea, eb = load_file(str(ca / "ema.safetensors")), load_file(str(cb / "ema.safetensors"))
+        assert ea.keys() == wa.keys() and all(torch.equal(ea[k], eb[k]) for k in ea), "EMA weights differ"
+        assert any(not torch.equal(ea[k], wa[k]) for k in ea)  # an EMA, not a copy of the raw weights
     oa = torch.load(ca / "optimizer.pt", weights_only=True)
     ob = torch.load(cb / "optimizer.pt", weights_only=True)
     assert oa["param_groups"] == ob["param_groups"]
@@ -100,6 +105,23 @@ def test_sigkill_mid_iteration_then_resume_matches_an_uninterrupted_run(workdir,
     resumed = start(["--resume", str(run), "--quiet"], workdir / "resumed.log")
     assert resumed.wait(timeout=300) == 0, (workdir / "resumed.log").read_text()
     assert_same_state(straight, run)
+
+
+def test_a_run_with_ema_resumed_after_sigkill_equals_an_uninterrupted_one(workdir):
+    args = ["optim.ema_decay=0.7", *tiny(workdir / "prompts.txt")]
+    straight_ema = workdir / "straight_ema"
+    proc = start([*args, "--output-dir", str(straight_ema)], workdir / "straight_ema.log")
+    assert proc.wait(timeout=300) == 0, (workdir / "straight_ema.log").read_text()
+    run, gate = workdir / "killed_ema", workdir / "gate_kill_ema"
+    proc = start([*args, "--output-dir", str(run)], workdir / "killed_ema.log", gate)
+    wait_for(lambda: (gate / "blocked").exists(), "iteration 4's rewards", proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    verify_checkpoint(checkpoint_dirs(run)[-1])  # the EMA file is in the manifest, so this checks it too
+    assert "ema.safetensors" in json.loads((checkpoint_dirs(run)[-1] / "manifest.json").read_text())["files"]
+    resumed = start(["--resume", str(run), "--quiet"], workdir / "resumed_ema.log")
+    assert resumed.wait(timeout=300) == 0, (workdir / "resumed_ema.log").read_text()
+    assert_same_state(straight_ema, run)
 
 
 def test_sigterm_checkpoints_the_finished_iteration_and_the_same_command_resumes(workdir, straight):

@@ -1,7 +1,7 @@
 """Checkpoints: trainable weights (safetensors), optimiser state and run state, written atomically.
 
 Layout: ``RUN_DIR/checkpoints/iter_000020/{trainable.safetensors, optimizer.pt, state.json,
-manifest.json}``. A checkpoint is written under a temporary name, every file is fsynced, then
+manifest.json}``, plus ``ema.safetensors`` (the EMA of the trainable weights) when `optim.ema_decay` > 0. A checkpoint is written under a temporary name, every file is fsynced, then
 ``manifest.json`` (sha256 and size of each file) is written last and the directory renamed into
 place, so a crash or a full disk mid-write leaves the previous checkpoint valid. Loading verifies the
 manifest first: a truncated or tampered checkpoint is refused with a message naming the newest valid
@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = "trainable.safetensors"
+EMA_WEIGHTS = "ema.safetensors"  # the EMA of the trainable weights: what evaluation and export use
 OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
 MANIFEST = "manifest.json"
@@ -77,8 +78,10 @@ def remove_stale_temp_dirs(run_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: str | Path, iteration: int, weights: dict[str, torch.Tensor],
-                    optimizer_state: dict[str, Any] | None, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint `iteration` atomically and keep only the newest `keep`.
+                    optimizer_state: dict[str, Any] | None, state: dict[str, Any], keep: int = 2,
+                    ema_weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint `iteration` atomically and keep only the newest `keep`. weights: the raw
+    trainable weights (resume trains on); ema_weights: their EMA, when there is one.
 
     Raises CheckpointWriteError (with the temporary files removed) when anything cannot be written.
     """
@@ -90,6 +93,8 @@ def save_checkpoint(run_dir: str | Path, iteration: int, weights: dict[str, torc
         remove_stale_temp_dirs(run_dir)
         tmp.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        if ema_weights is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in ema_weights.items()}, str(tmp / EMA_WEIGHTS))
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER)
         (tmp / STATE).write_text(json.dumps(state))
@@ -164,12 +169,14 @@ def resume_checkpoint(run_dir: str | Path) -> Path | None:
                           f"{Path(run_dir) / 'checkpoints'}")
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Trainable weights from a checkpoint directory (verified against its manifest) or a .safetensors file."""
+def load_weights(path: str | Path, prefer_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Trainable weights from a checkpoint directory (verified against its manifest) or a .safetensors
+    file. prefer_ema: a checkpoint directory's EMA weights when it holds them (the run's result, as
+    `sample` / `eval` use it), else its raw trainable weights."""
     path = Path(path)
     if path.is_dir():
         verify_checkpoint(path)
-    file = path / WEIGHTS if path.is_dir() else path
+    file = path if not path.is_dir() else path / EMA_WEIGHTS if prefer_ema and (path / EMA_WEIGHTS).is_file() else path / WEIGHTS
     if not file.is_file():
         raise CheckpointError(f"no weights at {str(file)!r}")
     try:

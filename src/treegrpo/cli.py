@@ -41,13 +41,13 @@ def _resolve_policy(spec: str, guidance_scale: float | None = None):
     if run_dir is None and path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
         run_dir = path.parent.parent  # one checkpoint of a run: the run's model config applies
     if run_dir is not None:  # the run's base model (with its LoRA adapters, if any) plus the checkpoint
-        config = load_config(run_dir / "config.yaml")
+        config = load_config(run_dir / "config.yaml", stored=True)
         if guidance_scale is not None:
             config.model.guidance_scale = guidance_scale
         policy = build_policy(config.model)
         if ckpt is None:
             raise CheckpointError(f"run directory {spec!r} has no checkpoint yet")
-        load_trainable_state_dict(policy, load_weights(ckpt))
+        load_trainable_state_dict(policy, load_weights(ckpt, prefer_ema=True))  # the EMA when the run kept one
         return policy, {"family": config.model.family, "num_steps": config.model.num_steps, "checkpoint": str(ckpt)}
     if (path / "policy_config.json").is_file():  # a saved shapes model (e.g. from `pretrain shapes`)
         return load_policy(str(path), "shapes", guidance_scale=guidance_scale), {"family": "shapes", "num_steps": 10}
@@ -55,7 +55,7 @@ def _resolve_policy(spec: str, guidance_scale: float | None = None):
         policy = load_policy(str(path), guidance_scale=guidance_scale)
         return policy, {"family": getattr(policy, "family", "auto"), "num_steps": 10}
     policy = load_policy("base", "shapes", guidance_scale=guidance_scale)  # a bare checkpoint of the shapes model
-    load_trainable_state_dict(policy, load_weights(path))
+    load_trainable_state_dict(policy, load_weights(path, prefer_ema=True))
     return policy, {"family": "shapes", "num_steps": 10, "checkpoint": str(path)}
 
 
@@ -81,7 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if latest_checkpoint(run_dir) is None:
             raise CheckpointError(f"--resume {args.resume!r}: the run has no checkpoint yet, so there is nothing to "
                                   f"resume; start it again with --output-dir {args.resume}")
-        config = load_config(config_path if config_path is not None else run_dir / "config.yaml", overrides)
+        config = load_config(config_path if config_path is not None else run_dir / "config.yaml", overrides,
+                             stored=config_path is None)
         output = run_dir
     else:
         config = load_config(config_path, overrides)

@@ -42,6 +42,15 @@ class ModelConfig:
     lora_rank: int = 0  # 0 = full fine-tuning of the trainable module; > 0 = LoRA adapters (peft)
     lora_alpha: float = 8.0
     lora_targets: list[str] | None = None  # module names for LoRA; None = the family's default (attention projections)
+    # Prompt embeddings: each distinct prompt is encoded once (alone, so its embedding does not depend
+    # on the other prompts of a batch) and kept in host memory, up to this many prompts (least
+    # recently used dropped first); 0 = encode every call's prompts afresh. SD3.5 in bf16 keeps ~5.4 MB
+    # per prompt (333 tokens x 4096, and the negative prompt's rows for CFG), the shapes model 5 kB.
+    prompt_cache: int = 4096
+    # diffusers families: keep the text encoders on the CPU (prompts are encoded there, on demand,
+    # and their embeddings moved to model.device), freeing their accelerator memory (T5-XXL: ~9.5 GB
+    # in bf16). CPU encoding is slow for T5-XXL: pair it with the cache, which encodes each prompt once.
+    offload_text_encoders: bool = False
 
 
 @dataclass
@@ -97,6 +106,11 @@ class OptimConfig:
     kl_coef: float = 0.5  # beta of the KL to the base model (0 = off); keeps untouched details (backgrounds) from drifting
     recompute_old_log_probs: bool = True  # old log-probs in the training layout, so ratio == 1 exactly
     warmup_iterations: int = 0  # linear learning-rate warm-up
+    # EMA of the trainable weights (0 = off): after every optimiser step ema = d * ema + (1 - d) * theta,
+    # starting from the initial weights (no bias correction, so it lags ~1 / (1 - d) steps). Held-out
+    # evaluation, the LoRA export RUN_DIR/lora and `sample` / `eval --checkpoint` use it; training
+    # goes on with the raw weights. Kept in fp32 beside them (one more copy of the trainable weights).
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -106,7 +120,6 @@ class TrainConfig:
     prompts: str = "all"  # training prompts: "all" (the 54 shapes prompts), "train" (the compositional world's 1,302 RL prompts), or a prompt file (.txt, .jsonl, .csv)
     seed: int = 0
     max_batch: int = 512  # rows per model call (rollout and training chunks)
-    train_seeds: str = "random"  # training noise is fresh each iteration; eval uses held-out seeds
     checkpoint_every: int = 20  # iterations between checkpoints (0 = only the final one)
     keep_checkpoints: int = 2  # the last N kept
     progress: bool = True
@@ -196,7 +209,15 @@ def _unknown_key(key: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}.{hint}")
 
 
-def _apply(config: Config, data: dict[str, Any], prefix: str = "") -> None:
+# Keys that once existed but did nothing: refused with the reason, except in a run's stored
+# config.yaml (every key was written out there), where they are dropped so old runs still resume.
+REMOVED_KEYS = {
+    "train.train_seeds": "it was never read: training noise is always fresh each iteration (from train.seed) and "
+                         "evaluation always uses the held-out seeds from eval.seed_offset",
+}
+
+
+def _apply(config: Config, data: dict[str, Any], prefix: str = "", stored: bool = False) -> None:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     for section_name, values in data.items():
         if section_name not in sections:
@@ -207,6 +228,10 @@ def _apply(config: Config, data: dict[str, Any], prefix: str = "") -> None:
         types_ = _field_types(type(section))
         for key, value in values.items():
             full = f"{section_name}.{key}"
+            if full in REMOVED_KEYS:
+                if stored:
+                    continue
+                raise ConfigError(f"{full} was removed: {REMOVED_KEYS[full]}. Delete it from the config")
             if key not in types_:
                 raise _unknown_key(full, [f"{section_name}.{k}" for k in types_] +
                                    [f"{s}.{k}" for s in sections for k in _field_types(type(getattr(config, s)))])
@@ -225,8 +250,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file, then ``section.key=value`` overrides; validated."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                stored: bool = False) -> Config:
+    """Defaults, then the YAML file, then ``section.key=value`` overrides; validated. stored: `path`
+    is a run's own config.yaml (written by an older version, it may hold REMOVED_KEYS: dropped)."""
     config = Config()
     if path is not None:
         path = Path(path)
@@ -238,7 +265,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-        _apply(config, data)
+        _apply(config, data, stored=stored)
     for text in overrides:
         key, value = parse_override(text)
         section, name = key.split(".")
@@ -284,13 +311,12 @@ def validate(config: Config) -> None:
         (config.model.guidance_scale is None or config.model.guidance_scale >= 0,
          f"model.guidance_scale must be >= 0, got {config.model.guidance_scale}"),
         (config.model.family in MODEL_FAMILIES, f"model.family must be one of {', '.join(MODEL_FAMILIES)}, got {config.model.family!r}"),
-        (config.model.true_cfg_scale == 1.0 or config.model.family in ("flux", "auto"),
-         f"model.true_cfg_scale is FLUX's true CFG; for family {config.model.family!r} set model.guidance_scale instead"),
         (config.model.mixed_precision in ("no", "bf16", "fp16"), f"model.mixed_precision must be no, bf16 or fp16, got {config.model.mixed_precision!r}"),
         (config.model.resolution is None or config.model.resolution >= 8, f"model.resolution must be >= 8 pixels (or null), got {config.model.resolution}"),
         (config.model.family in ("shapes", "auto", "analytic", "sd3") or config.model.pretrained not in ("base", ""),
          f"model.family={config.model.family!r} needs model.pretrained: a Hugging Face model id or a local pipeline folder"),
         (config.model.lora_targets is None or len(config.model.lora_targets) > 0, "model.lora_targets must name modules, or be null for the family's default"),
+        (config.model.prompt_cache >= 0, f"model.prompt_cache must be >= 0 prompts (0 = off), got {config.model.prompt_cache}"),
         (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
         (o.clip_range > 0, f"optim.clip_range must be > 0, got {o.clip_range}"),
         (o.adv_clip > 0, f"optim.adv_clip must be > 0, got {o.adv_clip}"),
@@ -300,6 +326,7 @@ def validate(config: Config) -> None:
         (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}"),
         (o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
         (o.warmup_iterations >= 0, f"optim.warmup_iterations must be >= 0, got {o.warmup_iterations}"),
+        (0 <= o.ema_decay < 1, f"optim.ema_decay must be in [0, 1) (0 = no EMA; e.g. 0.9), got {o.ema_decay}"),
         (t.iterations >= 0, f"train.iterations must be >= 0, got {t.iterations}"),
         (t.prompts_per_iteration >= 1, f"train.prompts_per_iteration must be >= 1, got {t.prompts_per_iteration}"),
         (t.max_batch >= 1, f"train.max_batch must be >= 1, got {t.max_batch}"),
@@ -315,6 +342,7 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_model_keys(config.model)
     from treegrpo.rewards import available_rewards
 
     known = available_rewards()
@@ -332,6 +360,49 @@ def validate(config: Config) -> None:
                           f"(the last step never branches): use at most {config.model.num_steps - 1}")
     if m.name in ("treegrpo", "mix_grpo") and m.window_mode == "fixed" and not 0 <= m.window_start <= config.model.num_steps - 1 - m.window:
         raise ConfigError(f"method.window_start must be in 0..{config.model.num_steps - 1 - m.window}")
+
+
+# Model keys a family never reads (grep of policies/ and build_policy): setting one is refused, as
+# it would do nothing. "auto" is checked once the family is known (load_policy refuses true_cfg_scale).
+DIFFUSERS_ONLY = ("resolution", "negative_prompt", "true_cfg_scale", "mixed_precision", "gradient_checkpointing",
+                  "offload_text_encoders")
+FAMILY_IGNORES = {
+    "shapes": DIFFUSERS_ONLY,  # 16x16 fp32 pixels, CFG against the empty prompt, a small UNet
+    "analytic": (*DIFFUSERS_ONLY, "pretrained", "guidance_scale", "device", "lora_rank"),
+    "sd3": ("true_cfg_scale",),
+    "sd15": ("true_cfg_scale",),
+}
+
+
+def check_model_keys(model: ModelConfig) -> None:
+    """Refuse model keys set (to a non-default value) that the chosen family, or the rest of the
+    model config, leaves unread; the message names the key and why."""
+    default = ModelConfig()
+    changed = {k for k in dataclasses.asdict(model) if getattr(model, k) != getattr(default, k)}
+    family = model.family
+    for key in FAMILY_IGNORES.get(family, ()):
+        if key not in changed:
+            continue
+        if key == "true_cfg_scale":
+            raise ConfigError(f"model.true_cfg_scale is FLUX's true CFG: it does nothing for model.family={family!r}; "
+                              "set model.guidance_scale instead")
+        why = ("the embedded shapes model does not read it (16x16 fp32 pixels, CFG against the empty prompt); it "
+               "applies to the diffusers families sd3, flux and sd15" if family == "shapes" else
+               "the closed-form analytic test policy does not read it")
+        raise ConfigError(f"model.{key}={getattr(model, key)!r} does nothing for model.family={family!r}: {why}. "
+                          "Remove it")
+    if model.lora_rank == 0:
+        for key in ("lora_alpha", "lora_targets"):
+            if key in changed:
+                raise ConfigError(f"model.{key}={getattr(model, key)!r} does nothing without LoRA (model.lora_rank=0 is "
+                                  f"full fine-tuning): set model.lora_rank > 0 or remove it")
+    if "negative_prompt" in changed and family != "auto":
+        if family == "flux" and model.true_cfg_scale <= 1:
+            raise ConfigError("model.negative_prompt does nothing for FLUX unless model.true_cfg_scale > 1 (FLUX's "
+                              "guidance_scale is a distilled embedding, not CFG): set model.true_cfg_scale or remove it")
+        if family in ("sd3", "sd15") and model.guidance_scale is not None and model.guidance_scale <= 1:
+            raise ConfigError(f"model.negative_prompt does nothing with model.guidance_scale={model.guidance_scale} "
+                              "(CFG runs only above 1): raise model.guidance_scale or remove model.negative_prompt")
 
 
 def validate_reward_options(options: dict[str, Any], known: list[str] | None = None) -> None:
@@ -377,7 +448,7 @@ def check_resume_config(stored: str | Path, config: Config) -> None:
     if not stored.is_file():
         return
     try:
-        old = load_config(stored).to_dict()
+        old = load_config(stored, stored=True).to_dict()
     except ConfigError as err:
         raise ConfigError(f"the run's stored config is invalid ({err}); start a new run in another directory") from None
     new = config.to_dict()

@@ -37,17 +37,19 @@ import torch
 from tqdm.auto import tqdm
 
 from treegrpo.advantages import tree_advantages
-from treegrpo.checkpoint import WEIGHTS, CheckpointError, CheckpointWriteError, load_state, load_weights, resume_checkpoint, save_checkpoint
+from treegrpo.checkpoint import (EMA_WEIGHTS, WEIGHTS, CheckpointError, CheckpointWriteError, load_state, load_weights,
+                                 resume_checkpoint, save_checkpoint)
 from treegrpo.config import Config, ConfigError, check_resume_config, save_config
 from treegrpo.distributed import (accelerate_without_fsdp, all_sum, any_rank, check_divisible, fsdp_requested,
                                   full_model_state, full_optimizer_state, load_full_model_state,
                                   load_full_optimizer_state, max_over_ranks, padded_shard, reduce_metrics, shard_slice)
+from treegrpo.ema import EMA
 from treegrpo.evaluation import (accuracy_kind, decode_chunked, evaluate_per_image, image_grid, save_image, score_images, side_by_side,
                                  summarize_eval)
 from treegrpo.loss import kl_to_reference, policy_loss
 from treegrpo.methods import Method
 from treegrpo.memory import PeakMemory
-from treegrpo.policies import Policy, build_policy, load_trainable_state_dict, trainable_state_dict
+from treegrpo.policies import Policy, build_policy, enable_prompt_cache, load_trainable_state_dict, trainable_state_dict
 from treegrpo.policies.base import attach_wrapped
 from treegrpo.policies.lora import BaseModelView
 from treegrpo.prompts import load_prompts
@@ -90,6 +92,11 @@ class Trainer:
                 model_config.device = str(self.accelerator.device)  # each rank on its own GPU
             policy = build_policy(model_config)
         self.policy = policy
+        if config.model.offload_text_encoders:  # also for a policy handed in (build_policy already did it)
+            if not hasattr(policy, "offload_text_encoders"):
+                raise ConfigError(f"model.offload_text_encoders: {type(policy).__name__} has no text encoders to "
+                                  "offload (a diffusers family does); remove the key")
+            policy.offload_text_encoders()
         self.device = torch.device(getattr(policy, "device", "cpu"))
         self.num_steps = config.model.num_steps
         self.schedule = self.policy.schedule(self.num_steps)
@@ -114,6 +121,9 @@ class Trainer:
                 self.reference = copy.deepcopy(self.policy)
                 for p in self.reference.trainable_parameters():
                     p.requires_grad_(False)
+        if config.model.prompt_cache > 0:
+            # Each distinct prompt through the text encoders once per run (training and evaluation).
+            enable_prompt_cache(self.policy, config.model.prompt_cache)
         # One prepare call for model and optimiser (DeepSpeed needs both; DDP wraps the module).
         self.cpu_fsdp = cpu_fsdp and self.world > 1  # one process has nothing to shard
         if self._sharded():
@@ -129,6 +139,13 @@ class Trainer:
             self.model, self.optimizer = self.accelerator.prepare(module, optimizer)
         attach_wrapped(self.policy, self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP may replace them
+        self.ema: EMA | None = None  # the EMA of the trainable weights: what evaluation and the export use
+        if o.ema_decay > 0:
+            if self._sharded():
+                raise ConfigError("optim.ema_decay > 0 needs the full trainable weights on every process; FSDP / "
+                                  "DeepSpeed shard them: set optim.ema_decay=0 or train with DDP")
+            live = dict(self.policy.trainable_module().named_parameters())
+            self.ema = EMA({name: live[name] for name in trainable_state_dict(self.policy)}, o.ema_decay)
         if self.world > 1:
             torch.manual_seed(config.train.seed + self.rank)  # each rank its own torch stream from here
         warmup = max(o.warmup_iterations * o.minibatches * o.epochs, 0)
@@ -393,6 +410,8 @@ class Trainer:
                     raise FloatingPointError("non-finite gradient; lower optim.lr or check the rewards")
                 self.optimizer.step()
                 self.lr_schedule.step()
+                if self.ema is not None:
+                    self.ema.update()
         stats = {f"train/{k}": sum(v * w for v, w in vw) / sum(w for _, w in vw) for k, vw in totals.items()}
         if "train/ratio_min" in stats:
             stats["train/ratio_min"] = min(v for v, _ in totals["ratio_min"])
@@ -413,8 +432,9 @@ class Trainer:
         c = self.config
         eval_rewards = {n: self.rewards[n] for n in c.reward.eval}
         local, real = padded_shard(self.eval_prompts, self.rank, self.world)
-        per_image, images = evaluate_per_image(self.policy, local, self.eval_seeds, eval_rewards, self.num_steps,
-                                               c.train.max_batch, accuracy=self.accuracy)
+        with self._ema_weights():
+            per_image, images = evaluate_per_image(self.policy, local, self.eval_seeds, eval_rewards, self.num_steps,
+                                                   c.train.max_batch, accuracy=self.accuracy)
         num_seeds = len(self.eval_seeds)
         per_image = {k: v[:real * num_seeds] for k, v in per_image.items()}
         # The grid: the same prompts (rows) and held-out seeds (columns) every time, taken from the
@@ -440,6 +460,10 @@ class Trainer:
 
                 save_image(side_by_side(Image.open(start).convert("RGB"), grid), self.out / "samples" / "start_vs_latest.png")
         return metrics
+
+    def _ema_weights(self) -> contextlib.AbstractContextManager:
+        """The model holds the EMA weights inside the block (when optim.ema_decay > 0), the raw ones after."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def _log(self, record: dict[str, Any]) -> None:
         self.logger.log(record)
@@ -522,11 +546,13 @@ class Trainer:
         if self.is_main:
             try:
                 save_checkpoint(self.out, self.iteration, weights, optimizer_state, state,
-                                keep=self.config.train.keep_checkpoints)
+                                keep=self.config.train.keep_checkpoints,
+                                ema_weights=None if self.ema is None else self.ema.state_dict())
                 if self.config.model.lora_rank > 0 and hasattr(self.policy, "save_lora_weights"):
                     # The LoRA result in diffusers' format (pipe.load_lora_weights(RUN_DIR/lora)); written
-                    # atomically by the policy, which holds the unwrapped module.
-                    self.policy.save_lora_weights(self.out / "lora")
+                    # atomically by the policy, which holds the unwrapped module. The EMA, when kept.
+                    with self._ema_weights():
+                        self.policy.save_lora_weights(self.out / "lora")
             except (CheckpointWriteError, OSError) as err:
                 error = err
         # Every rank learns the outcome, so all of them go on (or stop) together.
@@ -577,6 +603,10 @@ class Trainer:
             load_trainable_state_dict(self.policy, weights)
             if optimizer_state is not None:
                 self.optimizer.load_state_dict(optimizer_state)
+        if self.ema is not None:
+            if not (ckpt / EMA_WEIGHTS).is_file():
+                raise CheckpointError(f"checkpoint {ckpt} holds no EMA weights ({EMA_WEIGHTS}) but optim.ema_decay > 0")
+            self.ema.load_state_dict(load_weights(ckpt / EMA_WEIGHTS))
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.method.load_state_dict(state.get("window_schedule"))
         rng = state.get("rng") or [{"torch": state["torch_rng"], "generator": state["generator"]}]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from treegrpo.policies.base import Policy, Schedule, load_trainable_state_dict, trainable_state_dict
 from treegrpo.policies.loading import FAMILIES, family_of, load_pipeline, load_policy
+from treegrpo.policies.prompt_cache import PromptCache, enable_prompt_cache
 
 # LoRA targets of the embedded shapes model (attention projections and the ResNet convolutions);
 # the diffusers families carry their own defaults (`default_lora_targets`).
@@ -16,7 +17,8 @@ def build_policy(model_config) -> Policy:
     options = {"guidance_scale": c.guidance_scale, "device": c.device}
     if c.family != "shapes":
         options.update(resolution=c.resolution, negative_prompt=c.negative_prompt, mixed_precision=c.mixed_precision,
-                       gradient_checkpointing=c.gradient_checkpointing, true_cfg_scale=c.true_cfg_scale)
+                       gradient_checkpointing=c.gradient_checkpointing, true_cfg_scale=c.true_cfg_scale,
+                       offload_text_encoders=c.offload_text_encoders)
     policy = load_policy(c.pretrained, c.family, **options)
     if c.lora_rank > 0:
         if hasattr(policy, "add_lora"):
@@ -28,5 +30,5 @@ def build_policy(model_config) -> Policy:
     return policy
 
 
-__all__ = ["FAMILIES", "Policy", "SHAPES_LORA_TARGETS", "Schedule", "build_policy", "family_of", "load_pipeline",
-           "load_policy", "load_trainable_state_dict", "trainable_state_dict"]
+__all__ = ["FAMILIES", "Policy", "PromptCache", "SHAPES_LORA_TARGETS", "Schedule", "build_policy", "enable_prompt_cache",
+           "family_of", "load_pipeline", "load_policy", "load_trainable_state_dict", "trainable_state_dict"]

@@ -42,6 +42,21 @@ class PromptEmbeds:
     def __len__(self) -> int:
         return int(next(iter(self.cond.values())).shape[0])
 
+    def to(self, device: torch.device | str) -> "PromptEmbeds":
+        def move(d: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+            return None if d is None else {k: v.to(device) for k, v in d.items()}
+
+        return PromptEmbeds(move(self.cond), move(self.uncond), move(self.shared))  # type: ignore[arg-type]
+
+    @staticmethod
+    def cat(parts: list["PromptEmbeds"]) -> "PromptEmbeds":
+        """Rows of `parts` stacked in order (prompt caching); `shared` is the first part's (the same for all)."""
+        def stack(ds: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor] | None:
+            return None if ds[0] is None else {k: torch.cat([d[k] for d in ds]) for k in ds[0]}  # type: ignore[index]
+
+        return PromptEmbeds(stack([p.cond for p in parts]), stack([p.uncond for p in parts]),  # type: ignore[arg-type]
+                            parts[0].shared)
+
 
 class DiffusersPolicy:
     """Base of the diffusers adapters. Subclasses set `family`, `default_lora_targets` and implement
@@ -54,8 +69,8 @@ class DiffusersPolicy:
 
     def __init__(self, pipe: Any, *, resolution: int | None = None, guidance_scale: float | None = None,
                  negative_prompt: str = "", mixed_precision: str = "no", gradient_checkpointing: bool = False,
-                 device: str | torch.device | None = None, decode_batch: int = 8, max_sequence_length: int | None = None
-                 ) -> None:
+                 device: str | torch.device | None = None, decode_batch: int = 8, max_sequence_length: int | None = None,
+                 offload_text_encoders: bool = False) -> None:
         self.pipe = pipe
         self.dtype = resolve_dtype(mixed_precision)
         self.negative_prompt = negative_prompt or ""
@@ -67,8 +82,9 @@ class DiffusersPolicy:
         if self.resolution % self.latent_multiple() != 0:
             raise ValueError(f"{self.family}: resolution must be a multiple of {self.latent_multiple()}, got {self.resolution}")
         # Frozen parts live in the compute dtype; the denoiser too (LoRA weights are made fp32 in add_lora).
-        if device is not None:
-            pipe.to(device)
+        self.text_encoders_offloaded = offload_text_encoders
+        if device is not None or offload_text_encoders:
+            self._place(device if device is not None else self.device)
         if pipe.dtype != self.dtype:
             pipe.to(dtype=self.dtype)
         for module in self._components():
@@ -120,8 +136,31 @@ class DiffusersPolicy:
         return self.vae_scale_factor
 
     def to(self, device: str | torch.device) -> "DiffusersPolicy":
-        self.pipe.to(device)
+        self._place(device)
         return self
+
+    def _text_encoder_names(self) -> list[str]:
+        return [n for n, m in self.pipe.components.items() if n.startswith("text_encoder") and isinstance(m, torch.nn.Module)]
+
+    def _place(self, device: str | torch.device) -> None:
+        """Every component on `device`, except the text encoders when offloaded: those stay on the CPU
+        (moved one by one, so they never pass through the accelerator)."""
+        text = set(self._text_encoder_names()) if self.text_encoders_offloaded else set()
+        for name, module in self.pipe.components.items():
+            if isinstance(module, torch.nn.Module):
+                module.to("cpu" if name in text else device)
+
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to the CPU for good: prompts are encoded there (on demand, each
+        distinct prompt once with the prompt cache) and their embeddings moved to `device`."""
+        self.text_encoders_offloaded = True
+        self._place(self.device)
+
+    @property
+    def text_device(self) -> torch.device:
+        """Where the text encoders run (the CPU when offloaded)."""
+        encoder = getattr(self.pipe, self._text_encoder_names()[0])
+        return next(encoder.parameters()).device
 
     @property
     def do_cfg(self) -> bool:
@@ -135,8 +174,8 @@ class DiffusersPolicy:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         """Text embeddings of `prompts` (and of the negative prompt, once per prompt row, with CFG),
-        computed once by the pipeline's own `encode_prompt`."""
-        return self._encode(list(prompts))
+        computed once by the pipeline's own `encode_prompt` on `text_device`, returned on `device`."""
+        return self._encode(list(prompts)).to(self.device)
 
     def predict(self, x: torch.Tensor, times: torch.Tensor, cond: PromptEmbeds, prompt_index: torch.Tensor) -> torch.Tensor:
         """Guided prediction u + w (c - u) in float32; cond and uncond rows in one denoiser call.

@@ -49,12 +49,12 @@ class FluxPolicy(DiffusersPolicy):
 
     def _encode(self, prompts: list[str]) -> PromptEmbeds:
         extra = {} if self.max_sequence_length is None else {"max_sequence_length": self.max_sequence_length}
-        pe, pooled, text_ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device, **extra)
+        pe, pooled, text_ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.text_device, **extra)
         cond = {"encoder_hidden_states": pe, "pooled_projections": pooled}
         uncond = None
         if self.do_cfg:
             npe, npooled, _ = self.pipe.encode_prompt(prompt=[self.negative_prompt] * len(prompts), prompt_2=None,
-                                                      device=self.device, **extra)
+                                                      device=self.text_device, **extra)
             uncond = {"encoder_hidden_states": npe, "pooled_projections": npooled}
         return PromptEmbeds(cond, uncond, shared={"txt_ids": text_ids})
 

@@ -103,7 +103,8 @@ def load_policy(source: Any = "base", family: str | None = None, **options: Any)
 
     family: shapes, sd3, flux, sd15, or None / "auto" to infer it. options: resolution,
     guidance_scale, negative_prompt, mixed_precision (no|bf16|fp16), gradient_checkpointing, device,
-    decode_batch, max_sequence_length, and for FLUX true_cfg_scale (see the family classes).
+    decode_batch, max_sequence_length, offload_text_encoders (text encoders kept on the CPU), and
+    for FLUX true_cfg_scale (see the family classes).
     """
     if family not in (None, "auto", *FAMILIES):
         raise ValueError(f"unknown model family {family!r}; available: {', '.join(FAMILIES)} or auto")

@@ -51,7 +51,7 @@ class SD15Policy(DiffusersPolicy):
         return Schedule(kind="ddim", times=timesteps.float(), alphas_cumprod=torch.tensor(alpha_bar + alpha_next[-1:]))
 
     def _encode(self, prompts: list[str]) -> PromptEmbeds:
-        pe, npe = self.pipe.encode_prompt(prompts, self.device, 1, self.do_cfg,
+        pe, npe = self.pipe.encode_prompt(prompts, self.text_device, 1, self.do_cfg,
                                           negative_prompt=[self.negative_prompt] * len(prompts) if self.do_cfg else None)
         return PromptEmbeds({"encoder_hidden_states": pe}, {"encoder_hidden_states": npe} if self.do_cfg else None)
 

@@ -40,7 +40,7 @@ class SD3Policy(DiffusersPolicy):
         n = len(prompts)
         extra = {} if self.max_sequence_length is None else {"max_sequence_length": self.max_sequence_length}
         pe, npe, pooled, npooled = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=self.do_cfg,
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.text_device, do_classifier_free_guidance=self.do_cfg,
             negative_prompt=[self.negative_prompt] * n if self.do_cfg else None, **extra)
         cond = {"encoder_hidden_states": pe, "pooled_projections": pooled}
         uncond = {"encoder_hidden_states": npe, "pooled_projections": npooled} if self.do_cfg else None

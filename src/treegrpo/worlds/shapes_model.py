@@ -127,6 +127,11 @@ class ShapesCond:
     def to(self, device: torch.device | str) -> "ShapesCond":
         return ShapesCond(cond=self.cond.to(device), uncond=self.uncond.to(device))
 
+    @staticmethod
+    def cat(parts: list["ShapesCond"]) -> "ShapesCond":
+        """Prompt rows of `parts` in order, the first part's uncond (the same empty prompt); prompt caching."""
+        return ShapesCond(cond=torch.cat([p.cond for p in parts]), uncond=parts[0].uncond)
+
 
 def _prompt_texts(prompts: Sequence[str | ShapePrompt]) -> list[str]:
     return [p.text if isinstance(p, ShapePrompt) else str(p) for p in prompts]
