@@ -76,3 +76,37 @@ def test_the_autoencoder_keeps_what_the_reward_checks():
         recon = (pipe.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
     assert verdicts(images, prompts)[1].mean() == 1.0
     assert verdicts(recon, prompts)[1].mean() >= 0.98
+
+
+def test_a_trained_runs_transformer_loads_back_into_a_plain_pipeline(tmp_path):
+    """One full fine-tuning iteration of TreeGRPO on the shipped pipeline with the `compose` reward
+    (configs/compose_treegrpo.yaml, shrunk); RUN_DIR/transformer drops into a plain pipeline and
+    gives the trained policy's images."""
+    from diffusers import SD3Transformer2DModel
+
+    from treegrpo.config import load_config
+    from treegrpo.trainer import Trainer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    config = load_config("configs/compose_treegrpo.yaml", [
+        "method.k=2", "method.window=2", f"train.prompts={prompts}", f"eval.prompts={prompts}", "eval.num_seeds=1",
+        "eval.grid_prompts=2", "train.iterations=1", "train.prompts_per_iteration=2", "train.progress=false",
+        "optim.lr=1e-3", "optim.clip_range=0.2", "log.trackers=[]"])
+    trainer = Trainer(config, tmp_path / "run")
+    before = {n: p.detach().clone() for n, p in trainer.policy.trainable_module().named_parameters()}
+    summary = trainer.train()
+    assert summary["iterations"] == 1 and "acc/strict" in summary["final"]
+    after = dict(trainer.policy.trainable_module().named_parameters())
+    assert any((after[n] - b).abs().max() > 0 for n, b in before.items())
+    pipe = plain_pipeline()
+    pipe.transformer = SD3Transformer2DModel.from_pretrained(tmp_path / "run" / "transformer")
+    noise = torch.randn((1, *trainer.policy.latent_shape), generator=torch.Generator().manual_seed(1))
+    chain = TreeShape((1,) * 10, (False,) * 10, (False,) * 10)
+    ours = trainer.policy.decode(rollout(trainer.policy, PROMPTS[:1], chain, root_latents=noise).leaves)
+    theirs = pipe(PROMPTS[:1], latents=noise.clone(), num_inference_steps=10, guidance_scale=trainer.policy.guidance_scale,
+                  max_sequence_length=0, output_type="pt").images.float()
+    assert (ours - theirs).abs().max() < 1e-5
+    base = plain_pipeline()(PROMPTS[:1], latents=noise.clone(), num_inference_steps=10,
+                            guidance_scale=trainer.policy.guidance_scale, max_sequence_length=0, output_type="pt").images
+    assert (base.float() - theirs).abs().max() > 0  # the loaded weights are the trained ones, not the base

@@ -553,6 +553,11 @@ class Trainer:
                     # atomically by the policy, which holds the unwrapped module. The EMA, when kept.
                     with self._ema_weights():
                         self.policy.save_lora_weights(self.out / "lora")
+                elif self.config.model.lora_rank == 0 and hasattr(self.policy, "save_denoiser"):
+                    # Full fine-tuning: the denoiser in diffusers' format (RUN_DIR/transformer or /unet), so
+                    # Pipeline.from_pretrained(base, transformer=Model.from_pretrained(RUN_DIR/transformer)) reads it.
+                    with self._ema_weights():
+                        self.policy.save_denoiser(self.out / self.policy.denoiser_name)
             except (CheckpointWriteError, OSError) as err:
                 error = err
         # Every rank learns the outcome, so all of them go on (or stop) together.

@@ -231,6 +231,20 @@ class DiffusersPolicy:
         self.lora_config = self.denoiser.peft_config["default"]
         return sum(p.numel() for p in self.trainable_parameters())
 
+    def save_denoiser(self, directory: str | Path) -> Path:
+        """Write the (fully fine-tuned) denoiser with its own `save_pretrained`, atomically (temp folder,
+        then rename), so `type(denoiser).from_pretrained(directory)` reads it into a plain pipeline."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            self.denoiser.save_pretrained(tmp, safe_serialization=True)
+            _replace_dir(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
     def save_lora_weights(self, directory: str | Path) -> Path:
         """Write the LoRA adapters where `pipe.load_lora_weights(directory)` reads them (diffusers'
         own format, with the adapter config so rank and alpha survive). Atomic: written to a temp
@@ -246,11 +260,7 @@ class DiffusersPolicy:
             layers = get_peft_model_state_dict(self.denoiser)
             layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
             self._export_lora(tmp, layers, self.lora_config.to_dict())
-            old = directory.with_name(directory.name + ".old")
-            if directory.exists():
-                directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
+            _replace_dir(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -269,6 +279,15 @@ class DiffusersPolicy:
 
     def _export_lora(self, directory: Path, layers: dict[str, torch.Tensor], metadata: dict) -> None:  # pragma: no cover
         raise NotImplementedError
+
+
+def _replace_dir(new: Path, directory: Path) -> None:
+    """Put the finished folder `new` where `directory` is, keeping the old one until the rename is done."""
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        directory.rename(old)
+    new.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def flow_schedule(scheduler: Any, num_steps: int, *, sigmas: list[float] | None = None, mu: float | None = None) -> Schedule:
