@@ -110,3 +110,21 @@ def test_a_trained_runs_transformer_loads_back_into_a_plain_pipeline(tmp_path):
     base = plain_pipeline()(PROMPTS[:1], latents=noise.clone(), num_inference_steps=10,
                             guidance_scale=trainer.policy.guidance_scale, max_sequence_length=0, output_type="pt").images
     assert (base.float() - theirs).abs().max() > 0  # the loaded weights are the trained ones, not the base
+
+
+def test_pretrain_makes_and_continues_a_loadable_pipeline(tmp_path):
+    """`pretrain_compose` with tiny budgets: a folder plain diffusers loads, with the latent
+    statistics in the autoencoder's config; `init` continues from it and changes only the denoiser."""
+    from treegrpo.worlds.compose_pipeline import pretrain_compose
+
+    stats = pretrain_compose(tmp_path / "a", vae_steps=2, stages=((2, 1e-3),), dataset_size=32, progress=False)
+    first = StableDiffusion3Pipeline.from_pretrained(tmp_path / "a", text_encoder_3=None, tokenizer_3=None)
+    assert first.vae.config.shift_factor == pytest.approx(stats["latent_mean"])
+    assert first.vae.config.scaling_factor == pytest.approx(1 / stats["latent_std"])
+    pretrain_compose(tmp_path / "b", stages=((1, 1e-3),), dataset_size=32, init=tmp_path / "a", progress=False)
+    second = StableDiffusion3Pipeline.from_pretrained(tmp_path / "b", text_encoder_3=None, tokenizer_3=None)
+    vae_a, vae_b = first.vae.state_dict(), second.vae.state_dict()
+    assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+    tr_a, tr_b = first.transformer.state_dict(), second.transformer.state_dict()
+    assert any(not torch.equal(tr_a[k], tr_b[k]) for k in tr_a)
+    assert json.loads((tmp_path / "b" / DEFAULTS_FILE).read_text())["max_sequence_length"] == 0

@@ -245,8 +245,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.what == "compose":
         from treegrpo.worlds.compose_pipeline import pretrain_compose
 
-        kwargs = {"denoiser_steps": args.steps} if args.steps else {}
-        result = pretrain_compose(args.out, seed=args.seed, progress=not args.quiet, **kwargs)
+        kwargs = {"stages": ((args.steps, args.lr or 5e-4),)} if args.steps else {}
+        if args.init:
+            kwargs.setdefault("stages", ((3000, args.lr or 5e-4),))
+        result = pretrain_compose(args.out, seed=args.seed, init=args.init, progress=not args.quiet, **kwargs)
     elif args.what == "shapes":
         from treegrpo.worlds.pretrain import pretrain_shapes
 
@@ -359,7 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "shapes model or its reward classifier")
     pre.add_argument("what", choices=["compose", "shapes", "classifier"])
     pre.add_argument("--out", required=True, help="output folder (compose, shapes) or .safetensors file (classifier)")
-    pre.add_argument("--steps", type=int, default=None)
+    pre.add_argument("--steps", type=int, default=None, help="training steps (compose: of one denoiser stage; "
+                     "default: the stages that made the shipped weights)")
+    pre.add_argument("--init", metavar="PIPELINE_DIR", help="compose: continue the denoiser's training from this "
+                     "pipeline folder (e.g. src/treegrpo/assets/compose_sd3)")
+    pre.add_argument("--lr", type=float, default=None, help="compose: peak learning rate of the stage (default 5e-4)")
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--quiet", action="store_true")
     pre.set_defaults(func=cmd_pretrain)

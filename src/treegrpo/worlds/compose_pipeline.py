@@ -217,27 +217,42 @@ def save_pipeline(pipe, out: Path, guidance_scale: float = 4.5) -> None:
         {"max_sequence_length": 0, "guidance_scale": guidance_scale, "resolution": 32}, indent=1) + "\n")
 
 
-def pretrain_compose(out: str | Path, seed: int = 0, vae_steps: int = 3000, denoiser_steps: int = 6000,
-                     dataset_size: int = 60_000, progress: bool = True, save_every: int = 500) -> dict[str, Any]:
-    """Make the embedded pipeline from scratch into `out` (see the module docstring)."""
+# The shipped weights: the autoencoder, then the denoiser in stages of (steps, peak lr), each stage
+# on a freshly rendered and encoded data set with a fresh optimiser and cosine schedule.
+SHIPPED_VAE_STEPS = 1200
+SHIPPED_STAGES = ((2500, 1e-3), (3000, 5e-4))
+
+
+def pretrain_compose(out: str | Path, seed: int = 0, vae_steps: int = SHIPPED_VAE_STEPS,
+                     stages: tuple[tuple[int, float], ...] = SHIPPED_STAGES, dataset_size: int = 60_000,
+                     init: str | Path | None = None, progress: bool = True, save_every: int = 500) -> dict[str, Any]:
+    """Make the embedded pipeline into `out` (see the module docstring): from scratch, or, with `init`
+    (a pipeline folder), continue the denoiser's training from it (its autoencoder kept).
+
+    stages: (steps, peak lr) of the denoiser; stage j draws its data with random.Random(seed + j)."""
     out = Path(out)
-    rng = random.Random(seed)
-    pipe = build_pipeline(seed)
-    train_vae(pipe.vae, vae_steps, rng, progress=progress)
-    pipe.vae.save_pretrained(out / "vae")  # kept while the denoiser trains (and reused by a rerun's checks)
-    prompts, latents = encode_dataset(pipe.vae, dataset_size, rng)
-    mean, std = float(latents.mean()), float(latents.std())
-    pipe.vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
-    latents = (latents - mean) / std
-    _log(f"latents: mean {mean:.4f} std {std:.4f}", progress)
-    train_denoiser(pipe, prompts, latents, denoiser_steps, rng, progress=progress, save_every=save_every, save_to=out)
-    save_pipeline(pipe, out)
-    return {"out": str(out), "latent_mean": mean, "latent_std": std}
+    first_rng = random.Random(seed)  # the autoencoder's and stage 0's data
+    if init is not None:
+        from diffusers import StableDiffusion3Pipeline
 
-
-if __name__ == "__main__":  # python -m treegrpo.worlds.compose_pipeline OUT [vae_steps denoiser_steps]
-    import sys
-
-    args = sys.argv[1:]
-    pretrain_compose(args[0], vae_steps=int(args[1]) if len(args) > 1 else 3000,
-                     denoiser_steps=int(args[2]) if len(args) > 2 else 6000)
+        pipe = StableDiffusion3Pipeline.from_pretrained(init, text_encoder_3=None, tokenizer_3=None,
+                                                        local_files_only=True)
+        first_stage = 1
+    else:
+        pipe = build_pipeline(seed)
+        train_vae(pipe.vae, vae_steps, first_rng, progress=progress)
+        pipe.vae.save_pretrained(out / "vae")  # kept while the denoiser trains
+        first_stage = 0
+    stats: dict[str, Any] = {"out": str(out)}
+    for j, (steps, lr) in enumerate(stages, start=first_stage):
+        rng = first_rng if j == 0 else random.Random(seed + j)
+        prompts, latents = encode_dataset(pipe.vae, dataset_size, rng)
+        if init is None and j == 0:
+            mean, std = float(latents.mean()), float(latents.std())
+            pipe.vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
+            stats.update(latent_mean=mean, latent_std=std)
+            _log(f"latents: mean {mean:.4f} std {std:.4f}", progress)
+        latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        train_denoiser(pipe, prompts, latents, steps, rng, lr=lr, progress=progress, save_every=save_every, save_to=out)
+        save_pipeline(pipe, out)
+    return stats
