@@ -12,6 +12,8 @@ Prints, as markdown:
    the parent baseline A_c = V(c) - V(u);
 4. after one real update on the first of two minibatches, the share of the second minibatch's
    edges whose surrogate is clipped (zero gradient), split by the sign of the advantage.
+Section 3 also gives the norm of the policy loss gradient (on-policy, no KL) of each window start's
+batch under each `optim.step_weight` mode: what Adam sees from one iteration to the next.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from treegrpo.advantages import backup, normalize_by_group, parent_baseline
 from treegrpo.config import load_config
 from treegrpo.evaluation import decode_chunked, score_images
-from treegrpo.loss import policy_loss
+from treegrpo.loss import policy_loss, step_weights
 from treegrpo.rollout import rollout, transition
 from treegrpo.trainer import Trainer
 from treegrpo.tree import TreeShape, trained_edges
@@ -39,6 +41,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--metrics", nargs="*", default=[], help="metrics.jsonl files of treegrpo train runs")
     parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--skip-clip", action="store_true", help="skip section 4")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -65,9 +68,12 @@ def main() -> int:
             print(f"| {s} | {len(v)} | {sum(v) / len(v):.3f} | {max(v):.3f} |")
         print()
 
-    print("## 3. leaf spread and per-node score rms per window start (base model)\n")
-    print("| window start | mean within-prompt reward std | score rms, A = V(c) | A = V(c) - V(u) | ratio |")
-    print("|---|---|---|---|---|")
+    modes = ("none", "level", "gain", "level_gain")
+    print("## 3. per window start (base model): leaf spread, per-node score rms, loss gradient norm\n")
+    print("| window start | within-prompt reward std | score rms A = V(c) | A = V(c) - V(u) | "
+          + " | ".join(f"grad norm {m}" for m in modes) + " | grad norm gain, parent |")
+    print("|---|---|---|---|" + "---|" * (len(modes) + 1))
+    norms: dict[str, list[float]] = collections.defaultdict(list)
     prompts = trainer.train_prompts[: args.prompts]
     cond = trainer.policy.encode_prompts(prompts)
     reward = {n: trainer.rewards[n] for n in config.reward.weights}
@@ -95,8 +101,23 @@ def main() -> int:
                 total += float((weighted.pow(2).sum(1) / weighted.shape[1]).sum())
                 count += x.shape[0]
             rms.append(math.sqrt(total / count))
-        print(f"| {start} | {float(spread):.4f} | {rms[0]:.3f} | {rms[1]:.3f} | {rms[0] / rms[1]:.2f} |")
+        row = []
+        for mode, adv in [(m, plain) for m in modes] + [("gain, parent", centred)]:
+            batch = trained_edges(tree, adv)
+            table = step_weights(batch.step, mode.split(",")[0], gains, float(gains[0]))
+            trainer.optimizer.zero_grad()
+            lp, _ = trainer._edge_log_probs(batch, cond)
+            policy_loss(lp, lp.detach(), batch.advantage, batch.edge_node, batch.num_nodes,
+                        node_weight=table[batch.step]).loss.backward()
+            norm = float(torch.nn.utils.clip_grad_norm_(trainer.params, float("inf")))
+            norms[mode].append(norm)
+            row.append(f"{norm:.4f}")
+        trainer.optimizer.zero_grad()
+        print(f"| {start} | {float(spread):.4f} | {rms[0]:.3f} | {rms[1]:.3f} | " + " | ".join(row) + " |")
+    print("| max / min over starts | | | | " + " | ".join(f"{max(v) / min(v):.1f}x" for v in norms.values()) + " |")
 
+    if args.skip_clip:
+        return 0
     print("\n## 4. clipped edges of the second minibatch after one update on the first (clip 1e-4)\n")
     o = config.optim
     shape = TreeShape.treegrpo(T, k, w, 0)
