@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from treegrpo.advantages import backup, combine_rewards, normalize_by_group, normalize_per_depth, tree_advantages
+from treegrpo.advantages import (backup, combine_rewards, normalize_by_group, normalize_per_depth, parent_baseline,
+                                 tree_advantages)
 from treegrpo.tree import Tree, TreeShape
 
 
@@ -94,7 +95,72 @@ def test_unbiased_and_global_std_options():
     torch.testing.assert_close(normalize_by_group(values, group, unbiased=True),
                                torch.tensor([-1.0, 1.0, -2.0, 2.0]) / torch.tensor([math.sqrt(2), math.sqrt(2), math.sqrt(8), math.sqrt(8)]))
     centred = torch.tensor([-1.0, 1.0, -2.0, 2.0])
-    torch.testing.assert_close(normalize_by_group(values, group, global_std=True), centred / math.sqrt(10 / 4))
+    # Flow-GRPO's global std is np.std of every reward of the batch (around the batch mean 6.5), not
+    # the pooled within-prompt std (sqrt(10 / 4)): the spread between prompts counts.
+    batch_std = math.sqrt((6.5**2 + 4.5**2 + 3.5**2 + 7.5**2) / 4)
+    torch.testing.assert_close(normalize_by_group(values, group, global_std=True), centred / batch_std)
+    # Summed over ranks: two halves of the batch see the same std as the whole.
+    halves = [normalize_by_group(values[i:i + 2], torch.zeros(2, dtype=torch.long), global_std=True,
+                                 sum_over_ranks=lambda t: t * 0 + torch.stack([values.double().sum(), (values.double() ** 2).sum(),
+                                                                               torch.tensor(4.0, dtype=torch.float64)]))
+              for i in (0, 2)]
+    torch.testing.assert_close(torch.cat(halves), centred / batch_std)
+
+
+def test_std_floor_limits_the_advantages_of_near_deterministic_groups():
+    group = torch.tensor([0, 0, 1, 1])
+    values = torch.tensor([0.500, 0.502, 0.0, 0.4])  # group 0 spread 0.001: unit advantages without a floor
+    plain = normalize_by_group(values, group)
+    floored = normalize_by_group(values, group, std_floor=0.05)
+    torch.testing.assert_close(plain, torch.tensor([-1.0, 1.0, -1.0, 1.0]))
+    torch.testing.assert_close(floored, torch.tensor([-0.001 / 0.05, 0.001 / 0.05, -1.0, 1.0]))
+    with pytest.raises(ValueError, match="std_floor"):
+        normalize_by_group(values, group, std_floor=-1.0)
+
+
+def test_parent_baseline_centres_each_edge_on_its_siblings():
+    tree = _binary_tree()
+    leaf = torch.tensor([1.0, 3.0, -2.0, 0.0])
+    plain = backup(tree, leaf)
+    centred = parent_baseline(tree, plain)
+    # V(root) = 0.5; level 1 values 2, -1 -> 1.5, -1.5; leaves minus their parent's value.
+    assert centred[1].tolist() == [1.5, -1.5]
+    assert centred[2].tolist() == [-1.0, 1.0, -1.0, 1.0]
+    # Every node's children now sum to 0: the V(u) * sum_c grad log pi(c|u) noise term is gone.
+    for level in (1, 2):
+        sums = torch.zeros(tree.prompt[level - 1].shape[0]).index_add_(0, tree.parent[level], centred[level])
+        torch.testing.assert_close(sums, torch.zeros_like(sums))
+    via_chain = tree_advantages(tree, {"r": leaf}, edge_baseline="parent")
+    norm = backup(tree, normalize_by_group(leaf, tree.leaf_prompt))
+    torch.testing.assert_close(via_chain[2], parent_baseline(tree, norm)[2])
+    with pytest.raises(ValueError, match="edge_baseline"):
+        tree_advantages(tree, {"r": leaf}, edge_baseline="sibling")
+
+
+def test_parent_baseline_keeps_chains_and_masked_subtrees():
+    # Chains (single-child links) keep the trajectory advantage: one child is its own mean.
+    shape = TreeShape.dance_grpo(num_steps=3, group_size=3)
+    tree = Tree.roots_for(shape, 1, torch.zeros(1, 1))
+    for _ in range(3):
+        tree.add_level(torch.zeros(3, 1), torch.zeros(3))
+    r = torch.tensor([0.0, 1.0, 5.0])
+    plain, centred = tree_advantages(tree, {"r": r}), tree_advantages(tree, {"r": r}, edge_baseline="parent")
+    for level in (1, 2, 3):  # the root's value is the leaf mean, 0 after normalisation
+        torch.testing.assert_close(centred[level], plain[level])
+    # A subtree whose leaves are all masked keeps advantage 0 (not minus its parent's value).
+    binary = _binary_tree()
+    mask = torch.tensor([True, True, True, False])
+    edges = parent_baseline(binary, backup(binary, torch.tensor([1.0, 3.0, -2.0, 0.0]), leaf_mask=mask), leaf_mask=mask)
+    assert edges[2].tolist() == [-1.0, 1.0, 0.0, 0.0]
+    assert edges[1].tolist() == [2.0, -2.0]  # node values 2 and -2 (its one valid leaf), root 0
+
+
+def test_per_depth_std_can_be_unbiased():
+    tree = _binary_tree()
+    edges = normalize_per_depth(tree, [None, torch.tensor([0.0, 2.0]), torch.tensor([1.0, 3.0, -2.0, 0.0])], unbiased=True)
+    torch.testing.assert_close(edges[1], torch.tensor([-1.0, 1.0]) / math.sqrt(2))
+    leaf = torch.tensor([1.0, 3.0, -2.0, 0.0])
+    torch.testing.assert_close(edges[2], (leaf - leaf.mean()) / leaf.std(unbiased=True))
 
 
 def test_masked_entries_do_not_enter_the_statistics():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from treegrpo.bench import parse_variant, run_bench, summarise, time_to_reach
+from treegrpo.bench import area_under_curve, mean_ci95, parse_variant, run_bench, summarise, time_to_reach
 from treegrpo.cli import main
 from treegrpo.config import ConfigError
 
@@ -15,9 +15,30 @@ TINY = ["train.iterations=2", "train.prompts_per_iteration=1", "eval.every=1", "
 def test_time_to_reach_reads_the_first_crossing():
     curve = [{"seconds": 0.0, "calls": 0.0, "reward": 0.5}, {"seconds": 10.0, "calls": 100.0, "reward": 0.7},
              {"seconds": 20.0, "calls": 200.0, "reward": 0.9}]
-    assert time_to_reach(curve, 0.6) == 10.0
-    assert time_to_reach(curve, 0.85, key="calls") == 200.0
+    assert time_to_reach(curve, 0.6, interpolate=False) == 10.0
+    assert time_to_reach(curve, 0.85, key="calls", interpolate=False) == 200.0
     assert time_to_reach(curve, 0.95) is None
+    # Interpolated between the evaluations around the crossing: not quantised by the cadence.
+    assert time_to_reach(curve, 0.6) == pytest.approx(5.0)
+    assert time_to_reach(curve, 0.85, key="calls") == pytest.approx(175.0)
+    assert time_to_reach(curve, 0.4) == 0.0
+
+
+def test_area_under_curve_is_the_mean_reward_over_the_run():
+    curve = [{"seconds": 0.0, "reward": 0.5}, {"seconds": 10.0, "reward": 0.7}, {"seconds": 30.0, "reward": 0.7}]
+    assert area_under_curve(curve) == pytest.approx((10 * 0.6 + 20 * 0.7) / 30)
+    early = [{"seconds": 0.0, "reward": 0.5}, {"seconds": 5.0, "reward": 0.9}, {"seconds": 30.0, "reward": 0.7}]
+    late = [{"seconds": 0.0, "reward": 0.5}, {"seconds": 25.0, "reward": 0.5}, {"seconds": 30.0, "reward": 0.7}]
+    assert area_under_curve(early) > area_under_curve(late)  # same final, earlier rise
+    assert area_under_curve(curve[:1]) == 0.5
+
+
+def test_mean_ci95_is_the_student_t_half_width():
+    mean, half = mean_ci95([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / 3**0.5)
+    assert mean_ci95([0.7]) == (0.7, 0.0)
+    many = [float(i % 2) for i in range(100)]
+    assert mean_ci95(many)[1] == pytest.approx(1.96 * 0.50252 / 10, rel=1e-3)
 
 
 def test_variants_parse_into_a_base_config_and_overrides():
@@ -62,4 +83,34 @@ def test_summary_uses_the_mean_over_seeds(tmp_path):
         runs.setdefault("m", []).append(run)
     m = summarise(runs)["methods"]["m"]
     assert m["final_reward"] == pytest.approx(0.8) and m["final_reward_std"] == pytest.approx(0.1414, abs=1e-3)
+    assert m["final_reward_ci95"] == pytest.approx(12.706 * 0.1414 / 2**0.5, rel=1e-3)
+    assert m["auc"] == pytest.approx(((0.5 + 0.7) / 2 + (0.5 + 0.9) / 2) / 2)
     assert m["seconds_per_iteration"] == 2.0 and m["model_calls_per_iteration"] == 15
+
+
+def test_lr_sweep_reports_each_method_at_its_best_lr_with_the_usual_run_dirs(tmp_path):
+    out = tmp_path / "bench"
+    tiny = [o for o in TINY if not o.startswith("train.iterations")] + ["train.iterations=1"]
+    assert main(["bench", *tiny, "--methods", "treegrpo", "--seeds", "0", "--lr-sweep", "1e-4,3e-1",
+                 "--eval-every", "1", "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    tree = results["methods"]["treegrpo"]
+    assert set(tree["lr_sweep"]) == {"1e-4", "3e-1"}
+    best = max(tree["lr_sweep"], key=lambda lr: tree["lr_sweep"][lr]["auc"])
+    assert tree["best_lr"] == float(best) and tree["auc"] == tree["lr_sweep"][best]["auc"]
+    assert tree["runs"] == [f"treegrpo-lr{best}-seed0"]
+    for lr in ("1e-4", "3e-1"):
+        assert (out / f"treegrpo-lr{lr}-seed0" / "summary.json").is_file()
+        assert f"lr: {float(lr)}" in (out / f"treegrpo-lr{lr}-seed0" / "config.yaml").read_text()
+    link = out / "treegrpo-seed0"  # the usual run dir, with the final checkpoint, is the best lr's run
+    assert link.resolve() == (out / f"treegrpo-lr{best}-seed0").resolve()
+    assert any((link / "checkpoints").iterdir())
+    assert "Learning-rate sweep" in (out / "results.md").read_text()
+    assert "to_reach" in tree and "curves" in tree
+
+
+def test_bad_lr_sweep_and_eval_cadence_are_refused(tmp_path, capsys):
+    assert main(["bench", *TINY, "--methods", "treegrpo", "--lr-sweep", "1e-4,fast", "--out", str(tmp_path), "--quiet"]) != 0
+    assert "--lr-sweep" in capsys.readouterr().err
+    assert main(["bench", *TINY, "--methods", "treegrpo", "--eval-every", "0", "--out", str(tmp_path), "--quiet"]) != 0
+    assert "--eval-every" in capsys.readouterr().err

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from treegrpo.loss import clipped_surrogate, kl_to_reference, per_node_mean, policy_loss
+from treegrpo.loss import clipped_surrogate, kl_to_reference, per_node_mean, policy_loss, step_weights
 
 
 def test_surrogate_sign_and_clipping_on_hand_made_ratios():
@@ -60,3 +61,51 @@ def test_diagnostics_report_the_ratio_range():
     assert abs(out.stats["ratio_min"] - 0.5) < 1e-6 and abs(out.stats["ratio_max"] - 2.0) < 1e-6
     assert abs(out.stats["clip_frac"] - 2 / 3) < 1e-9
     assert out.stats["approx_kl"] > 0
+
+
+def test_kl_per_edge_counts_a_node_once_per_outgoing_edge():
+    # Node 0 has 3 edges, node 1 one: per node the KL term is mean(kl); per edge it is (3 kl0 + kl1) / 2.
+    kl = torch.tensor([0.2, 0.6])
+    edge_node = torch.tensor([0, 0, 0, 1])
+    zeros = torch.zeros(4)
+    per_node = policy_loss(zeros, zeros, zeros, edge_node, 2, kl=kl, kl_coef=1.0)
+    per_edge = policy_loss(zeros, zeros, zeros, edge_node, 2, kl=kl, kl_coef=1.0, kl_per_edge=True)
+    assert float(per_node.loss) == pytest.approx(0.4)
+    assert float(per_edge.loss) == pytest.approx((3 * 0.2 + 0.6) / 2)
+    assert per_edge.stats["kl_ref"] == pytest.approx(0.4)  # the diagnostic stays the plain per-node KL
+
+
+def test_node_weights_scale_each_nodes_terms():
+    lp = torch.zeros(4, requires_grad=True)
+    edge_node = torch.tensor([0, 0, 1, 1])
+    adv = torch.tensor([1.0, -1.0, 2.0, 1.0])
+    out = policy_loss(lp, torch.zeros(4), adv, edge_node, 2, node_weight=torch.tensor([1.0, 0.5]))
+    # loss = (w0 * (-1 + 1) + w1 * (-2 - 1)) / 2
+    assert float(out.loss.detach()) == pytest.approx(0.5 * -3 / 2)
+    out.loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([-0.5, 0.5, -0.5, -0.25]))
+    with pytest.raises(ValueError, match="node_weight"):
+        policy_loss(lp, torch.zeros(4), adv, edge_node, 2, node_weight=torch.ones(3))
+
+
+def test_step_weights_level_gives_every_step_the_same_total_weight():
+    steps = torch.tensor([0] + [1] * 3 + [2] * 9)  # a k = 3, w = 3 window at start 0
+    table = step_weights(steps, "level")
+    w = table[steps]
+    totals = torch.zeros(3).index_add_(0, steps, w)
+    torch.testing.assert_close(totals, torch.full((3,), 13 / 3))
+    assert float(w.mean()) == pytest.approx(1.0)
+    torch.testing.assert_close(step_weights(steps, "none")[steps], torch.ones(13))
+
+
+def test_step_weights_gain_cancels_the_steps_gradient_gain():
+    gains = torch.tensor([0.05, 0.1, 0.4, 1.6])
+    steps = torch.tensor([1, 2, 2, 3])
+    table = step_weights(steps, "gain", gains, reference_gain=0.05)
+    torch.testing.assert_close(table * gains, torch.full((4,), 0.05))
+    both = step_weights(steps, "level_gain", gains, reference_gain=0.05)
+    torch.testing.assert_close(both, step_weights(steps, "level") * table)
+    with pytest.raises(ValueError, match="gain"):
+        step_weights(steps, "gain")
+    with pytest.raises(ValueError, match="step weight mode"):
+        step_weights(steps, "depth")

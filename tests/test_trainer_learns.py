@@ -56,3 +56,28 @@ def test_the_update_follows_the_reward(tmp_path, method, reward):
     Trainer(config, tmp_path / "run", policy=policy, train_prompts=["p0", "p1", "p2", "p3"]).train()
     moved = float(policy.gain.detach()) - 1.0
     assert moved * direction > 0.01, f"{method} moved the gain by {moved:+.4f} for {reward}"
+
+
+FIXES = {
+    "parent": ["method.edge_baseline=parent"],
+    "level_gain": ["optim.step_weight=level_gain"],
+    "floor_kl_edge": ["method.std_floor=0.05", "optim.kl_per_edge=true", "optim.kl_coef=0.1"],
+    "dance_per_iteration": ["method.name=dance_grpo", "method.train_steps_per=iteration"],
+}
+
+
+@pytest.mark.parametrize("fix", sorted(FIXES))
+def test_the_fixes_still_follow_the_reward_and_change_the_update(tmp_path, fix):
+    direction = _better_direction("test_spread")
+    common = ["method.group_size=6", "method.window=2", "method.k=3", "reward.weights={test_spread: 1.0}",
+              "reward.eval=[test_spread]", "optim.lr=0.02", "optim.kl_coef=0", "optim.clip_range=0.2",
+              "train.iterations=6", "train.prompts_per_iteration=4", "train.progress=false", "eval.every=0",
+              "eval.num_seeds=1", "eval.grid_prompts=2", "train.checkpoint_every=0", "model.family=analytic"]
+    moved = {}
+    for name, extra in (("plain", [o for o in FIXES[fix] if o.startswith("method.name")]), (fix, FIXES[fix])):
+        policy = GaussianPolicy(data_std=0.5, latent_shape=(1, 4, 4))
+        Trainer(load_config(None, [*common, *extra]), tmp_path / name, policy=policy,
+                train_prompts=["p0", "p1", "p2", "p3"]).train()
+        moved[name] = float(policy.gain.detach()) - 1.0
+    assert moved[fix] * direction > 0.01, f"{fix} moved the gain by {moved[fix]:+.4f}"
+    assert moved[fix] != moved["plain"]  # the option reaches the update

@@ -6,7 +6,10 @@
    node's value is the weighted mean of its child edges' advantages ("mean" or "softmax" of the
    old per-element-mean log-probs with a temperature) and the edge into it carries that value.
    Single-child links pass values through unchanged, so on a chain this is trajectory-level GRPO.
-4. `normalize_per_depth`: BranchGRPO's rule, each level standardised within its prompt group.
+4. `parent_baseline` (optional, SPEC.md section 8): at branching steps the edge u -> c carries
+   V(c) - V(u) instead of V(c), i.e. it is centred on its siblings (same expected gradient, the
+   noise term V(u) * sum_c grad log pi(c | u) is gone). Single-child links keep V(c).
+5. `normalize_per_depth`: BranchGRPO's rule, each level standardised within its prompt group.
 
 Groups with (numerically) zero spread get zero advantages, never NaN.
 """
@@ -24,17 +27,22 @@ ZERO_SPREAD = 1e-6  # a group whose std is below this (relative to its scale) ha
 
 
 def normalize_by_group(values: torch.Tensor, group: torch.Tensor, *, eps: float = 1e-8, unbiased: bool = False,
-                       global_std: bool = False, mask: torch.Tensor | None = None,
+                       global_std: bool = False, std_floor: float = 0.0, mask: torch.Tensor | None = None,
                        sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Standardise `values` [L] within groups `group` [L] (long). Computed in float64.
 
     unbiased: divide by n - 1 (DanceGRPO) instead of n (population std, TreeGRPO).
-    global_std: subtract the group mean but divide by the std over all values (Flow-GRPO option).
+    global_std: subtract the group mean but divide by ONE std of all values of the batch, taken
+        around the batch mean (Flow-GRPO's `global_std`: ``np.std`` of every reward of the batch).
+    std_floor: divide by ``max(std, std_floor)`` (in the values' units): a group whose spread is
+        tiny (near-deterministic samples) then gets small advantages instead of unit-std noise.
     mask: [L] bool, entries to use; masked-out entries get 0 and do not enter the statistics.
     sum_over_ranks: with global_std under several processes, sums a float64 tensor over them (the
         global std then covers every rank's groups; group means stay local: a rank owns whole groups).
     Returns float32 [L]; groups with zero spread give exactly 0.
     """
+    if std_floor < 0:
+        raise ValueError(f"std_floor must be >= 0, got {std_floor}")
     v = values.double()
     keep = torch.ones_like(v, dtype=torch.bool) if mask is None else mask.bool()
     v = torch.where(keep, v, torch.zeros_like(v))
@@ -46,16 +54,19 @@ def normalize_by_group(values: torch.Tensor, group: torch.Tensor, *, eps: float 
     centred = (v - mean[g]) * weight
     ddof = 1 if unbiased else 0
     if global_std:
-        sums = torch.stack([(centred**2).sum(), weight.sum()])
+        # Sums of v and v^2 (not of the group-centred values): the spread between prompts counts too.
+        sums = torch.stack([(v * weight).sum(), (v**2 * weight).sum(), weight.sum()])
         if sum_over_ranks is not None:
             sums = sum_over_ranks(sums)
-        std = torch.sqrt(sums[0] / (sums[1] - ddof).clamp(min=1)).expand(num_groups)
+        n = sums[2].clamp(min=1)
+        sq_dev = (sums[1] - sums[0] ** 2 / n).clamp(min=0)
+        std = torch.sqrt(sq_dev / (sums[2] - ddof).clamp(min=1)).expand(num_groups)
     else:
         var = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, g, centred**2) / (count - ddof).clamp(min=1)
         std = torch.sqrt(var)
     scale = torch.zeros(num_groups, dtype=torch.float64).scatter_reduce(0, g, v.abs() * weight, "amax")
     flat = std <= ZERO_SPREAD * scale.clamp(min=1.0)
-    adv = centred / (std[g] + eps)
+    adv = centred / (std.clamp(min=std_floor)[g] + eps)
     adv = torch.where(flat[g] | ~keep, torch.zeros_like(adv), adv)
     return adv.float()
 
@@ -121,21 +132,88 @@ def backup(tree: Tree, leaf_advantages: torch.Tensor, rule: BackupRule = "mean",
     return edge
 
 
-def normalize_per_depth(tree: Tree, edge_advantages: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+def parent_baseline(tree: Tree, edge_values: list[torch.Tensor | None], leaf_mask: torch.Tensor | None = None,
+                    rule: BackupRule = "mean", temperature: float = 1.0) -> list[torch.Tensor | None]:
+    """Sibling-centred edge advantages: at every branching step the edge u -> c gets V(c) - V(u),
+    with V(u) the backup's value of u (the same weighted mean of its children the backup used, so
+    the centred values of u's valid children have weighted mean 0). Single-child links keep V(c)
+    (one child is its own mean: centring would zero a chain's whole signal). Edges into subtrees
+    whose leaves are all masked stay 0. edge_values: `backup`'s output; returns the same layout."""
+    steps = tree.num_steps
+    # V(root) is not among the edge values (no edge enters a root): back it up from level 1.
+    valid = _valid_levels(tree, leaf_mask)
+    values = [*edge_values]
+    values[0] = _node_values(tree, edge_values[1], 0, valid[1], rule, temperature)
+    out: list[torch.Tensor | None] = [None] * (steps + 1)
+    for level in range(1, steps + 1):
+        v = values[level]
+        assert v is not None
+        if tree.shape.branching[level - 1] > 1:
+            parent_value = values[level - 1]
+            assert parent_value is not None
+            v = torch.where(valid[level], v - parent_value[tree.parent[level]], torch.zeros_like(v))
+        out[level] = v
+    return out
+
+
+def _valid_levels(tree: Tree, leaf_mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """[N_i] bool per level: whether a node has at least one valid leaf below it."""
+    steps = tree.num_steps
+    valid = [torch.empty(0, dtype=torch.bool)] * (steps + 1)
+    valid[steps] = torch.ones(tree.prompt[steps].shape, dtype=torch.bool) if leaf_mask is None else leaf_mask.bool()
+    for level in range(steps, 0, -1):
+        n = tree.prompt[level - 1].shape[0]
+        valid[level - 1] = torch.zeros(n, dtype=torch.float64).index_add_(0, tree.parent[level], valid[level].double()) > 0
+    return valid
+
+
+def _node_values(tree: Tree, child_values: torch.Tensor | None, level: int, child_valid: torch.Tensor,
+                 rule: BackupRule, temperature: float) -> torch.Tensor:
+    """[N_level] backup value of each node of `level` from its children's values [N_{level+1}]."""
+    assert child_values is not None
+    parent = tree.parent[level + 1]
+    n = tree.prompt[level].shape[0]
+    weights = child_valid.double()
+    if rule == "softmax" and tree.shape.branching[level] > 1:
+        lp = tree.log_prob[level + 1]
+        if lp is None:
+            raise ValueError(f"softmax backup needs the log-probs of step {level}")
+        logits = lp.double() / temperature
+        top = torch.full((n,), -torch.inf, dtype=torch.float64).scatter_reduce(0, parent, logits, "amax")
+        weights = weights * torch.exp(logits - top[parent])
+    norm = torch.zeros(n, dtype=torch.float64).index_add_(0, parent, weights)
+    total = torch.zeros(n, dtype=torch.float64).index_add_(0, parent, weights * child_values.double())
+    return (total / norm.clamp(min=1e-300)).float()
+
+
+def normalize_per_depth(tree: Tree, edge_advantages: list[torch.Tensor | None],
+                        unbiased: bool = False) -> list[torch.Tensor | None]:
     """BranchGRPO's depth-wise normalisation: standardise each level's edge values within each
-    prompt group (all trees of the prompt)."""
-    return [None if a is None else normalize_by_group(a, tree.prompt[i]) for i, a in enumerate(edge_advantages)]
+    prompt group (all trees of the prompt); unbiased: the n - 1 std (BranchGRPO's ``torch.std``)."""
+    return [None if a is None else normalize_by_group(a, tree.prompt[i], unbiased=unbiased)
+            for i, a in enumerate(edge_advantages)]
+
+
+EdgeBaseline = Literal["none", "parent"]
 
 
 def tree_advantages(tree: Tree, rewards: Mapping[str, torch.Tensor], *, weights: Mapping[str, float] | None = None,
                     rule: BackupRule = "mean", temperature: float = 1.0, per_depth: bool = False,
-                    unbiased: bool = False, global_std: bool = False, mask: torch.Tensor | None = None,
+                    unbiased: bool = False, global_std: bool = False, std_floor: float = 0.0,
+                    edge_baseline: EdgeBaseline = "none", mask: torch.Tensor | None = None,
                     sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor | None]:
-    """The whole chain: rewards per leaf ({name: [L]}) -> per-level edge advantages
-    (sum_over_ranks: see `normalize_by_group`)."""
+    """The whole chain: rewards per leaf ({name: [L]}) -> per-level edge advantages.
+
+    std_floor: see `normalize_by_group` (leaf normalisation only); edge_baseline "parent": see
+    `parent_baseline` (applied after the backup, before any per-depth normalisation);
+    sum_over_ranks: see `normalize_by_group`."""
+    if edge_baseline not in ("none", "parent"):
+        raise ValueError(f"edge_baseline must be 'none' or 'parent', got {edge_baseline!r}")
     group = tree.leaf_prompt
     combined = combine_rewards(rewards, weights, group, mask=mask)
-    leaf = normalize_by_group(combined, group, unbiased=unbiased, global_std=global_std, mask=mask,
-                              sum_over_ranks=sum_over_ranks)
+    leaf = normalize_by_group(combined, group, unbiased=unbiased, global_std=global_std, std_floor=std_floor,
+                              mask=mask, sum_over_ranks=sum_over_ranks)
     edges = backup(tree, leaf, rule=rule, temperature=temperature, leaf_mask=mask)
-    return normalize_per_depth(tree, edges) if per_depth else edges
+    if edge_baseline == "parent":
+        edges = parent_baseline(tree, edges, leaf_mask=mask, rule=rule, temperature=temperature)
+    return normalize_per_depth(tree, edges, unbiased=unbiased) if per_depth else edges

@@ -11,6 +11,12 @@ seeds, and the wall-clock each method needs to reach every rival's final reward)
 
 Ablations are method variants: ``--variant NAME:key=value,key=value`` adds a run of a method
 config with overrides, e.g. ``--variant k2:method.k=2`` or ``--variant softmax:method.backup=softmax``.
+
+Statistics: finals and areas as mean +- the 95% Student-t half-width over seeds; the area under the
+held-out curve (trapezoids over training seconds, divided by the span: the run's mean reward);
+`--lr-sweep` runs every line at each learning rate and reports each at its best (by area);
+"time to reach" interpolates linearly between the two evaluations around the crossing, so it is
+not quantised by `eval.every` (`--eval-every` sets the cadence of every run).
 """
 
 from __future__ import annotations
@@ -89,32 +95,92 @@ def _per_iteration(run: Path) -> tuple[float, float]:
     return seconds, calls
 
 
-def time_to_reach(curve: list[dict[str, float]], target: float, key: str = "seconds") -> float | None:
-    """First `key` (seconds or calls) at which the curve's reward reaches `target`, else None."""
-    for point in curve:
+# Two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30 (beyond: the normal 1.96).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval over seeds (0 for a single value)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    df = len(values) - 1
+    t = T_975[df - 1] if df <= len(T_975) else 1.96
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def area_under_curve(curve: list[dict[str, float]], key: str = "seconds") -> float:
+    """Mean held-out reward over the run: the trapezoid area under reward vs `key` (seconds or
+    calls) divided by the span, so it reads in reward units (a run that rises early scores higher
+    than one that only ends at the same value). A single point gives its reward."""
+    if len(curve) < 2 or curve[-1][key] <= curve[0][key]:
+        return curve[-1]["reward"]
+    area = sum((b[key] - a[key]) * (a["reward"] + b["reward"]) / 2 for a, b in zip(curve, curve[1:]))
+    return area / (curve[-1][key] - curve[0][key])
+
+
+def time_to_reach(curve: list[dict[str, float]], target: float, key: str = "seconds",
+                  interpolate: bool = True) -> float | None:
+    """`key` (seconds or calls) at which the curve's reward first reaches `target`, else None.
+
+    interpolate: linear between the last evaluation below the target and the first at or above it
+    (the crossing is then not quantised to the evaluation cadence); False gives that first
+    evaluation's `key` itself. A curve that starts at or above the target reaches it at its start."""
+    for i, point in enumerate(curve):
         if point["reward"] >= target:
-            return point[key]
+            if not interpolate or i == 0:
+                return point[key]
+            prev = curve[i - 1]
+            frac = (target - prev["reward"]) / (point["reward"] - prev["reward"])
+            return prev[key] + frac * (point[key] - prev[key])
     return None
 
 
-def summarise(runs: dict[str, list[Path]]) -> dict[str, Any]:
-    """Aggregate runs {variant: [run dirs over seeds]} into the results structure."""
-    results: dict[str, Any] = {"metric": METRIC, "methods": {}}
+def _summarise_line(dirs: list[Path]) -> dict[str, Any]:
+    """Statistics of one line (a method, variant or swept learning rate) over its seeds' runs."""
+    curves = [_curve(d) for d in dirs]
+    finals = [c[-1]["reward"] for c in curves]
+    aucs = [area_under_curve(c) for c in curves]
+    per_iter = [_per_iteration(d) for d in dirs]
+    final, final_ci = mean_ci95(finals)
+    auc, auc_ci = mean_ci95(aucs)
+    return {
+        "seeds": len(dirs),
+        "runs": [d.name for d in dirs],
+        "seconds_per_iteration": statistics.mean(p[0] for p in per_iter),
+        "model_calls_per_iteration": statistics.mean(p[1] for p in per_iter),
+        "base_reward": statistics.mean(c[0]["reward"] for c in curves),
+        "final_reward": final,
+        "final_reward_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+        "final_reward_ci95": final_ci,
+        "final_rewards": finals,
+        "peak_drop": statistics.mean(max(p["reward"] for p in c) - c[-1]["reward"] for c in curves),
+        "auc": auc,
+        "auc_ci95": auc_ci,
+        "final_shape_acc": statistics.mean(c[-1]["shape_acc"] for c in curves),
+        "iterations": statistics.mean(c[-1]["iteration"] for c in curves),
+        "curves": curves,
+    }
+
+
+def summarise(runs: dict[str, list[Path]], sweeps: dict[str, dict[str, list[Path]]] | None = None,
+              interpolate: bool = True) -> dict[str, Any]:
+    """Aggregate runs {line: [run dirs over seeds]} into the results structure.
+
+    sweeps: {line: {lr: [run dirs]}} for learning-rate swept lines: each line is then reported at
+    its lr with the highest mean area under the held-out curve (`best_lr`), every lr's final reward
+    and area under `lr_sweep`. interpolate: see `time_to_reach`."""
+    results: dict[str, Any] = {"metric": METRIC, "methods": {}, "reach": "interpolated" if interpolate else "first evaluation"}
     for name, dirs in runs.items():
-        curves = [_curve(d) for d in dirs]
-        finals = [c[-1]["reward"] for c in curves]
-        per_iter = [_per_iteration(d) for d in dirs]
-        results["methods"][name] = {
-            "seeds": len(dirs),
-            "seconds_per_iteration": statistics.mean(p[0] for p in per_iter),
-            "model_calls_per_iteration": statistics.mean(p[1] for p in per_iter),
-            "base_reward": statistics.mean(c[0]["reward"] for c in curves),
-            "final_reward": statistics.mean(finals),
-            "final_reward_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-            "final_shape_acc": statistics.mean(c[-1]["shape_acc"] for c in curves),
-            "iterations": statistics.mean(c[-1]["iteration"] for c in curves),
-            "curves": curves,
-        }
+        results["methods"][name] = _summarise_line(dirs)
+    for name, by_lr in (sweeps or {}).items():
+        lines = {lr: _summarise_line(dirs) for lr, dirs in by_lr.items()}
+        best = max(lines, key=lambda lr: lines[lr]["auc"])
+        results["methods"][name] = {**lines[best], "best_lr": float(best), "lr_sweep": {
+            lr: {k: m[k] for k in ("final_reward", "final_reward_ci95", "auc", "auc_ci95", "seeds", "runs")}
+            for lr, m in lines.items()}}
     # Time (and calls) each method needs to reach each rival's final mean reward, per seed then averaged
     # over the seeds that reached it.
     for name, m in results["methods"].items():
@@ -122,8 +188,8 @@ def summarise(runs: dict[str, list[Path]]) -> dict[str, Any]:
         for rival, r in results["methods"].items():
             if rival == name:
                 continue
-            hits = [time_to_reach(c, r["final_reward"]) for c in m["curves"]]
-            calls = [time_to_reach(c, r["final_reward"], "calls") for c in m["curves"]]
+            hits = [time_to_reach(c, r["final_reward"], interpolate=interpolate) for c in m["curves"]]
+            calls = [time_to_reach(c, r["final_reward"], "calls", interpolate=interpolate) for c in m["curves"]]
             reached = [h for h in hits if h is not None]
             m["to_reach"][rival] = {
                 "seconds": statistics.mean(reached) if reached else None,
@@ -136,10 +202,11 @@ def summarise(runs: dict[str, list[Path]]) -> dict[str, Any]:
 def format_table(results: dict[str, Any]) -> str:
     methods = results["methods"]
     names = list(methods)
-    lines = [f"Held-out metric: `{results['metric']}` (ODE samples, all prompts x held-out seeds); mean over seeds.", "",
-             "| method | s / iteration | model calls / iteration | iterations | base | final (+- std) | shape acc | "
+    lines = [f"Held-out metric: `{results['metric']}` (ODE samples, all prompts x held-out seeds); mean +- 95% "
+             "t-interval over seeds; area = mean held-out reward over the run's training seconds (trapezoids).", "",
+             "| method | lr | s / iteration | model calls / iteration | iterations | base | final | area | peak - final | shape acc | "
              + " | ".join(f"s to reach {n}" for n in names) + " |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(names)]
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(names)]
     for name, m in methods.items():
         reach = []
         for rival in names:
@@ -149,9 +216,20 @@ def format_table(results: dict[str, Any]) -> str:
             hit = m["to_reach"][rival]
             reach.append("not reached" if hit["seconds"] is None else
                          f"{hit['seconds']:.0f} ({hit['seeds_reached']}/{m['seeds']})")
-        lines.append(f"| {name} | {m['seconds_per_iteration']:.2f} | {m['model_calls_per_iteration']:.0f} | "
-                     f"{m['iterations']:.0f} | {m['base_reward']:.3f} | {m['final_reward']:.3f} +- {m['final_reward_std']:.3f} | "
+        lr = f"{m['best_lr']:g} (best of {len(m['lr_sweep'])})" if "best_lr" in m else "config"
+        ci = m.get("final_reward_ci95", m.get("final_reward_std", 0.0))
+        lines.append(f"| {name} | {lr} | {m['seconds_per_iteration']:.2f} | {m['model_calls_per_iteration']:.0f} | "
+                     f"{m['iterations']:.0f} | {m['base_reward']:.3f} | {m['final_reward']:.3f} +- {ci:.3f} | "
+                     f"{m.get('auc', math.nan):.3f} +- {m.get('auc_ci95', 0.0):.3f} | {m.get('peak_drop', math.nan):.3f} | "
                      f"{m['final_shape_acc']:.3f} | " + " | ".join(reach) + " |")
+    sweeps = {n: m["lr_sweep"] for n, m in methods.items() if "lr_sweep" in m}
+    if sweeps:
+        lines += ["", "Learning-rate sweep (each method reported at its lr with the highest mean area):", "",
+                  "| method | lr | final | area |", "|---|---|---|---|"]
+        for name, sweep in sweeps.items():
+            for lr, m in sweep.items():
+                lines.append(f"| {name} | {lr} | {m['final_reward']:.3f} +- {m['final_reward_ci95']:.3f} | "
+                             f"{m['auc']:.3f} +- {m['auc_ci95']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +258,8 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
         written.append(out / file)
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (name, m) in enumerate(results["methods"].items()):
-        ax.errorbar(m["seconds_per_iteration"], m["final_reward"], yerr=m["final_reward_std"], fmt="o", color=f"C{i}", label=name)
+        ax.errorbar(m["seconds_per_iteration"], m["final_reward"], yerr=m.get("final_reward_ci95", m["final_reward_std"]),
+                    fmt="o", color=f"C{i}", label=name)
     ax.set_xlabel("seconds per iteration")
     ax.set_ylabel("final held-out reward")
     ax.grid(alpha=0.3)
@@ -193,24 +272,49 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
 
 
 def run_bench(out: str | Path, methods: list[str], seeds: list[int], variants: list[str], common: list[str],
-              progress: bool = True) -> dict[str, Any]:
-    """Run every (method or variant, seed), then write results.json, results.md and the plots."""
+              progress: bool = True, lr_sweep: list[str] | None = None, interpolate: bool = True) -> dict[str, Any]:
+    """Run every (method or variant, seed), then write results.json, results.md and the plots.
+
+    lr_sweep: learning rates (as written, e.g. "1e-4") to try for every line: runs go to
+    ``{line}-lr{lr}-seed{seed}`` and ``{line}-seed{seed}`` becomes a link to the best lr's run (by
+    mean area under the held-out curve). interpolate: see `time_to_reach`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [Variant(m, method_config(m)) for m in methods] + [parse_variant(v) for v in variants]
-    for line in lines:  # validate every config before the first run starts
-        load_config(line.config, [*common, *line.overrides])
+    lrs = [_check_lr(lr) for lr in lr_sweep or []]
+    names = [line.name for line in lines]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two bench lines share a name: {sorted(n for n in names if names.count(n) > 1)}")
+    runs_to_do = [(line, Variant(f"{line.name}-lr{lr}", line.config, [*line.overrides, f"optim.lr={lr}"]) if lr else line)
+                  for line in lines for lr in (lrs or [None])]
+    for _, run in runs_to_do:  # validate every config before the first run starts
+        load_config(run.config, [*common, *run.overrides])
     from tqdm.auto import tqdm
 
     runs: dict[str, list[Path]] = {}
+    sweeps: dict[str, dict[str, list[Path]]] = {}
     # Runs done / total with an ETA, on a terminal only; each run's own train bar shows below it.
-    with tqdm(total=len(seeds) * len(lines), desc="bench runs", unit="run", disable=None if progress else True) as bar:
+    with tqdm(total=len(seeds) * len(runs_to_do), desc="bench runs", unit="run", disable=None if progress else True) as bar:
         for seed in seeds:  # seed-major: an interrupted bench still has every method for the first seeds
-            for line in lines:
-                bar.set_postfix_str(f"{line.name} seed {seed}")
-                runs.setdefault(line.name, []).append(run_variant(line, seed, out, common, progress))
+            for line, run in runs_to_do:
+                bar.set_postfix_str(f"{run.name} seed {seed}")
+                path = run_variant(run, seed, out, common, progress)
+                if lrs:
+                    lr = run.name[len(line.name) + 3:]
+                    sweeps.setdefault(line.name, {}).setdefault(lr, []).append(path)
+                else:
+                    runs.setdefault(line.name, []).append(path)
                 bar.update(1)
-    results = summarise(runs)
+    results = summarise(runs, sweeps, interpolate=interpolate)
+    for name, m in results["methods"].items():
+        if "best_lr" in m:  # {line}-seed{seed} -> the best lr's run, so every line has its usual run dirs
+            best = next(lr for lr in m["lr_sweep"] if float(lr) == m["best_lr"])
+            for seed in seeds:
+                link = out / f"{name}-seed{seed}"
+                if link.is_symlink():
+                    link.unlink()
+                if not link.exists():
+                    link.symlink_to(f"{name}-lr{best}-seed{seed}", target_is_directory=True)
     results["seeds"] = seeds
     results["common_overrides"] = common
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -218,3 +322,14 @@ def run_bench(out: str | Path, methods: list[str], seeds: list[int], variants: l
     (out / "results.md").write_text(table)
     plot(results, out)
     return results
+
+
+def _check_lr(text: str) -> str:
+    """A learning rate of --lr-sweep, kept as written (it names run directories)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--lr-sweep takes numbers like 1e-4,2e-4, got {text!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise ConfigError(f"--lr-sweep learning rates must be > 0, got {text!r}")
+    return text.strip()

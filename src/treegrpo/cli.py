@@ -5,7 +5,8 @@
     treegrpo eval --checkpoint {base|compose|RUN_DIR|PATH} [--rewards a,b] [--prompts all|heldout|train|FILE] [--seeds N]
                   [--reward-option NAME:KEY=VALUE ...] [--images DIR] [--baseline BASE.json] [--out FILE.json]
     treegrpo pretrain {compose|shapes|classifier} [--out PATH] [--steps N] [--seed S]
-    treegrpo bench [--methods a,b] [--seeds 0 1 2] [--variant NAME:key=value,...] [--quick] [--out DIR]
+    treegrpo bench [--methods a,b] [--seeds 0 1 2] [--variant NAME:key=value,...] [--lr-sweep 1e-4,2e-4]
+                   [--eval-every N] [--reach interpolate|first] [--quick] [--out DIR]
     treegrpo report {RUN_DIR|BENCH_DIR} [--out FILE]
     treegrpo serve-reward NAME [--host 127.0.0.1] [--port N] [--reward-option KEY=VALUE ...]
 """
@@ -270,13 +271,20 @@ BENCH_QUICK = ["train.iterations=1000000", "train.max_seconds=40", "eval.every=8
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from treegrpo.bench import DEFAULT_METHODS, run_bench
+    from treegrpo.config import ConfigError
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else (
         ["treegrpo", "dance_grpo"] if args.quick else list(DEFAULT_METHODS))
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     common = [*(BENCH_QUICK if args.quick else BENCH_BUDGET), *args.overrides]
+    if args.eval_every is not None:
+        if args.eval_every < 1:
+            raise ConfigError(f"--eval-every must be >= 1 iteration, got {args.eval_every}")
+        common.append(f"eval.every={args.eval_every}")
+    lr_sweep = [lr for lr in args.lr_sweep.split(",") if lr.strip()] if args.lr_sweep else None
     out = Path(args.out or ("runs/bench_quick" if args.quick else "runs/bench"))
-    run_bench(out, methods, seeds, args.variant, common, progress=not args.quiet)
+    run_bench(out, methods, seeds, args.variant, common, progress=not args.quiet, lr_sweep=lr_sweep,
+              interpolate=args.reach == "interpolate")
     from treegrpo.report import write_bench_report
 
     print((out / "results.md").read_text())
@@ -340,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--variant", action="append", default=[], metavar="NAME[@METHOD]:key=value,...",
                        help="an extra line, e.g. k2:method.k=2 or softmax:method.backup=softmax (repeatable)")
     bench.add_argument("--quick", action="store_true", help="TreeGRPO vs DanceGRPO, one seed, 40 s each")
+    bench.add_argument("--lr-sweep", metavar="LR,LR,...",
+                       help="run every method at each learning rate and report each at its best (by area under the held-out curve)")
+    bench.add_argument("--eval-every", type=int, metavar="N", help="held-out evaluation every N iterations in every run")
+    bench.add_argument("--reach", choices=["interpolate", "first"], default="interpolate",
+                       help="time to reach a reward: interpolated between evaluations (default) or the first evaluation at or above it")
     bench.add_argument("--out", help="bench directory (finished runs in it are reused)")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_bench)

@@ -59,14 +59,16 @@ class MethodConfig:
     # TreeGRPO / MixGRPO window
     k: int = 3  # children per node inside the window (TreeGRPO)
     window: int = 3  # window width w (TreeGRPO's depth d; MixGRPO uses 4)
-    window_mode: str = "random"  # random (truncated geometric), shift, or fixed
+    window_mode: str = "random"  # random (truncated geometric), shift, cycle (shift, back to 0 after the last start: MixGRPO's roll-back) or fixed
     window_r: float = 0.5  # ratio of the truncated geometric law of the window start
+    window_max_start: int = -1  # latest window start the schedule may pick (-1 = T - w - 1, the paper's law); the law is truncated there
     window_every: int = 50  # shift mode: iterations per one-step move
     window_start: int = 0  # fixed mode: the start step
     trees_per_prompt: int = 1  # independent trees per prompt (TreeGRPO), roots for the others
     # group methods
     group_size: int = 12  # G: chains (Flow-GRPO) or branches (DanceGRPO, MixGRPO)
-    train_fraction: float = 0.6  # DanceGRPO: share of the first T-1 steps trained per iteration
+    train_fraction: float = 0.6  # DanceGRPO: share of the first T-1 steps trained
+    train_steps_per: str = "trajectory"  # DanceGRPO: draw the trained steps per trajectory (its code) or per iteration (one set for all)
     split_steps: list[int] = field(default_factory=lambda: [0, 2, 4, 6])  # BranchGRPO split steps
     # sampler
     sde_kind: str = "flow_grpo"  # flow_grpo, dance (constant coefficient) or cps
@@ -77,7 +79,9 @@ class MethodConfig:
     softmax_temperature: float = 1.0  # softmax backup: temperature on per-element-mean log-probs
     per_depth: bool = False  # BranchGRPO: standardise every depth within its prompt group
     unbiased_std: bool = False  # divide by n - 1 (DanceGRPO) instead of n
-    global_std: bool = False  # Flow-GRPO option: one std over the whole batch
+    global_std: bool = False  # one std over every reward of the batch (all prompts), mean still per prompt (Flow-GRPO's shipped configs)
+    std_floor: float = 0.0  # leaf advantage = (r - mean) / max(std, std_floor), reward units: near-identical leaves get small advantages, not unit ones
+    edge_baseline: str = "none"  # none: edge u->c trained with V(c) (the paper); parent: V(c) - V(u) at branching steps (sibling-centred, SPEC.md 8)
 
 
 @dataclass
@@ -104,6 +108,8 @@ class OptimConfig:
     clip_range: float = 1e-4  # PPO ratio clip eps
     adv_clip: float = 5.0  # advantages clipped to [-adv_clip, adv_clip]
     kl_coef: float = 0.5  # beta of the KL to the base model (0 = off); keeps untouched details (backgrounds) from drifting
+    kl_per_edge: bool = False  # count a node's KL once per outgoing edge (k at a k-way node), as the policy term sums its k edges
+    step_weight: str = "none"  # weight of each trained step's loss: none, level (each step the same total weight), gain (1 / (|c_v| / std), the step's gradient gain, relative to step 0), level_gain (both)
     recompute_old_log_probs: bool = True  # old log-probs in the training layout, so ratio == 1 exactly
     warmup_iterations: int = 0  # linear learning-rate warm-up
     # EMA of the trainable weights (0 = off): after every optimiser step ema = d * ema + (1 - d) * theta,
@@ -288,7 +294,12 @@ def validate(config: Config) -> None:
         (config.model.num_steps >= 2, f"model.num_steps must be >= 2, got {config.model.num_steps}"),
         (m.k >= 1, f"method.k must be >= 1, got {m.k}"),
         (m.window >= 1, f"method.window must be >= 1, got {m.window}"),
-        (m.window_mode in ("random", "shift", "fixed"), f"method.window_mode must be random, shift or fixed, got {m.window_mode!r}"),
+        (m.window_mode in ("random", "shift", "cycle", "fixed"), f"method.window_mode must be random, shift, cycle or fixed, got {m.window_mode!r}"),
+        (m.window_max_start >= -1, f"method.window_max_start must be >= 0, or -1 for no cap, got {m.window_max_start}"),
+        (m.train_steps_per in ("trajectory", "iteration"), f"method.train_steps_per must be trajectory or iteration, got {m.train_steps_per!r}"),
+        (m.std_floor >= 0, f"method.std_floor must be >= 0 (0 = no floor), got {m.std_floor}"),
+        (m.edge_baseline in ("none", "parent"), f"method.edge_baseline must be none or parent, got {m.edge_baseline!r}"),
+        (o.step_weight in ("none", "level", "gain", "level_gain"), f"optim.step_weight must be none, level, gain or level_gain, got {o.step_weight!r}"),
         (0 < m.window_r < 1, f"method.window_r must be in (0, 1), got {m.window_r}"),
         (m.window_every >= 1, f"method.window_every must be >= 1, got {m.window_every}"),
         (m.window_start >= 0, f"method.window_start must be >= 0, got {m.window_start}"),
@@ -360,6 +371,9 @@ def validate(config: Config) -> None:
                           f"(the last step never branches): use at most {config.model.num_steps - 1}")
     if m.name in ("treegrpo", "mix_grpo") and m.window_mode == "fixed" and not 0 <= m.window_start <= config.model.num_steps - 1 - m.window:
         raise ConfigError(f"method.window_start must be in 0..{config.model.num_steps - 1 - m.window}")
+    if m.name in ("treegrpo", "mix_grpo") and m.window_max_start > config.model.num_steps - 1 - m.window:
+        raise ConfigError(f"method.window_max_start={m.window_max_start} is past the last window start "
+                          f"{config.model.num_steps - 1 - m.window}: use at most that, or -1")
 
 
 # Model keys a family never reads (grep of policies/ and build_policy): setting one is refused, as

@@ -3,8 +3,11 @@
 Per trained edge e (SPEC.md section 5): ``ratio = exp(log pi_theta(e) - log pi_old(e))``,
 ``A~ = clip(A, -adv_clip, adv_clip)``, ``loss_e = max(-A~ ratio, -A~ clip(ratio, 1 - eps, 1 + eps))``.
 Edge losses are summed over a node's edges and averaged over nodes (the released code's reduction:
-one model forward at a node serves all its k edges). The optional KL to a reference policy is
-``beta * mean((mu_theta - mu_ref)^2) / (2 std^2)`` per node, with the real transition std.
+one model forward at a node serves all its k edges), optionally with a weight per node that
+depends on its step (`step_weights`: equal weight per step, or the inverse of the step's
+gradient gain |c_v| / std). The optional KL to a reference policy is
+``beta * mean((mu_theta - mu_ref)^2) / (2 std^2)`` per node, with the real transition std, counted
+once per node or once per edge (k times at a k-way node, as the policy term counts it).
 """
 
 from __future__ import annotations
@@ -46,22 +49,66 @@ def per_node_mean(edge_values: torch.Tensor, edge_node: torch.Tensor, num_nodes:
     return per_node.index_add(0, edge_node, edge_values).mean()
 
 
+STEP_WEIGHTS = ("none", "level", "gain", "level_gain")
+
+
+def step_weights(steps: torch.Tensor, mode: str, gains: torch.Tensor | None = None,
+                 reference_gain: float | None = None) -> torch.Tensor:
+    """Weight per step index [T] for the nodes of one iteration (`steps`: [Nn] long, each node's step).
+
+    "none": 1. "level": ``Nn / (S * N_s)`` for the S distinct steps present (N_s nodes at step s), so
+    every trained step has the same total weight and the weights average 1 over the nodes (a k-ary
+    window otherwise puts k^(w-1) of its nodes on the deepest step). "gain": ``reference_gain /
+    gains[s]`` with gains [T] the step's log-prob gradient gain |c_v| / std: the gradient of a
+    unit advantage then has the same scale at every step (and a late window no larger a step than
+    an early one). "level_gain": both factors.
+    """
+    if mode not in STEP_WEIGHTS:
+        raise ValueError(f"step weight mode must be one of {STEP_WEIGHTS}, got {mode!r}")
+    size = int(steps.max()) + 1 if steps.numel() else 1
+    if gains is not None:
+        size = max(size, gains.shape[0])
+    table = torch.ones(size, dtype=torch.float64)
+    if mode in ("level", "level_gain"):
+        counts = torch.bincount(steps, minlength=size).double()
+        present = counts > 0
+        table = torch.where(present, steps.numel() / (int(present.sum()) * counts.clamp(min=1)), table)
+    if mode in ("gain", "level_gain"):
+        if gains is None or reference_gain is None:
+            raise ValueError("step weights by gain need the steps' gains and a reference gain")
+        if bool((gains[:size] <= 0).any()):
+            raise ValueError("step gains must be > 0 (a trained step with zero std or no dependence on the model)")
+        table = table * (reference_gain / gains.double())
+    return table.float()
+
+
 def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage: torch.Tensor,
                 edge_node: torch.Tensor, num_nodes: int, *, clip_range: float = 1e-4, adv_clip: float = 5.0,
-                kl: torch.Tensor | None = None, kl_coef: float = 0.0) -> LossOutput:
+                kl: torch.Tensor | None = None, kl_coef: float = 0.0, node_weight: torch.Tensor | None = None,
+                kl_per_edge: bool = False) -> LossOutput:
     """The training objective of one minibatch.
 
     log_prob, old_log_prob, advantage, edge_node: [E]; kl: optional [num_nodes] per-node KL to the
-    reference (`kl_to_reference`), weighted by `kl_coef`.
+    reference (`kl_to_reference`), weighted by `kl_coef`; node_weight: optional [num_nodes] weight
+    of each node's terms (`step_weights`); kl_per_edge: count a node's KL once per outgoing edge.
     """
     edge_loss, ratio = clipped_surrogate(log_prob, old_log_prob, advantage, clip_range=clip_range, adv_clip=adv_clip)
+    if node_weight is not None:
+        if node_weight.shape != (num_nodes,):
+            raise ValueError(f"node_weight must be [{num_nodes}], got {tuple(node_weight.shape)}")
+        edge_loss = edge_loss * node_weight.to(edge_loss)[edge_node]
     loss = per_node_mean(edge_loss, edge_node, num_nodes)
     stats = surrogate_stats(log_prob, old_log_prob, ratio, clip_range)
     stats["policy_loss"] = float(loss.detach())
     if kl is not None and kl_coef > 0:
-        kl_term = kl.mean()
+        per_node = kl
+        if kl_per_edge:
+            per_node = per_node * torch.bincount(edge_node, minlength=num_nodes).to(kl)
+        if node_weight is not None:
+            per_node = per_node * node_weight.to(kl)
+        kl_term = per_node.mean()
         loss = loss + kl_coef * kl_term
-        stats["kl_ref"] = float(kl_term.detach())
+        stats["kl_ref"] = float(kl.detach().mean())  # the plain per-node KL, whatever the weighting
     stats["loss"] = float(loss.detach())
     return LossOutput(loss, stats)
 

@@ -4,8 +4,8 @@
 |---|---|---|
 | treegrpo | k-ary tree inside a window of w steps, window start per iteration | random (truncated geometric), shift or fixed |
 | flow_grpo | `group_size` independent SDE chains | every step but the last trained |
-| dance_grpo | one root branching `group_size` ways at step 0, SDE everywhere | a random `train_fraction` of steps trained per iteration |
-| mix_grpo | one root branching `group_size` ways at the window start, SDE in the window | window slides (shift mode) |
+| dance_grpo | one root branching `group_size` ways at step 0, SDE everywhere | a random `train_fraction` of steps trained, drawn per trajectory (its code) or per iteration |
+| mix_grpo | one root branching `group_size` ways at the window start, SDE in the window | window slides (shift mode; cycle rolls back to 0) |
 | branch_grpo | k-way splits at `split_steps`, SDE everywhere | pair with `per_depth: true` |
 """
 
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from treegrpo.config import MethodConfig
-from treegrpo.rollout import SamplerConfig
-from treegrpo.tree import TreeShape, WindowSchedule, dance_trained_steps
+from treegrpo.policies.base import Schedule
+from treegrpo.rollout import SamplerConfig, transition
+from treegrpo.tree import EdgeBatch, Tree, TreeShape, WindowSchedule, dance_trained_steps
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class AdvantageRule:
     per_depth: bool = False
     unbiased: bool = False
     global_std: bool = False
+    std_floor: float = 0.0
+    edge_baseline: str = "none"
 
 
 class Method:
@@ -42,11 +45,15 @@ class Method:
         self.sampler = SamplerConfig(sde_kind=config.sde_kind, noise_level=config.noise_level,
                                      ddim_eta=config.ddim_eta)  # type: ignore[arg-type]
         self.advantage_rule = AdvantageRule(config.backup, config.softmax_temperature, config.per_depth,
-                                            config.unbiased_std, config.global_std)
+                                            config.unbiased_std, config.global_std, config.std_floor,
+                                            config.edge_baseline)
         self.window: WindowSchedule | None = None
         self.last_start: int | None = None  # the window start of the latest iteration
         if config.name in ("treegrpo", "mix_grpo"):
-            self.window = WindowSchedule(num_starts=num_steps - config.window, mode=config.window_mode,  # type: ignore[arg-type]
+            num_starts = num_steps - config.window
+            if config.window_max_start >= 0:  # the law (or the slide) truncated at the cap
+                num_starts = min(num_starts, config.window_max_start + 1)
+            self.window = WindowSchedule(num_starts=num_starts, mode=config.window_mode,  # type: ignore[arg-type]
                                          r=config.window_r, every=config.window_every, start=config.window_start)
         self.shape_for(0, torch.Generator().manual_seed(0))  # fail now, not mid-run, on a bad combination
         self.last_start = None
@@ -81,7 +88,55 @@ class Method:
         if c.name == "flow_grpo":
             return TreeShape.flow_grpo(steps, c.group_size)
         if c.name == "dance_grpo":
+            if c.train_steps_per == "trajectory":  # every step may be trained; `select_trained` picks per trajectory
+                return TreeShape.dance_grpo(steps, c.group_size)
             return TreeShape.dance_grpo(steps, c.group_size, dance_trained_steps(steps, c.train_fraction, generator))
         if c.name == "branch_grpo":
             return TreeShape.branch_grpo(steps, tuple(c.split_steps), c.k)
         raise ValueError(f"unknown method {c.name!r}")
+
+    def select_trained(self, tree: Tree, batch: EdgeBatch, generators: list[torch.Generator]) -> EdgeBatch:
+        """The edges this iteration trains. DanceGRPO with ``train_steps_per: trajectory`` draws, for
+        every trajectory (chain) on its prompt's generator, its own random `train_fraction` of the
+        first T - 1 steps (as its code does with one permutation per sample) and keeps only those
+        edges; nodes left without edges are dropped. Every other method trains `batch` as it is."""
+        c = self.config
+        if c.name != "dance_grpo" or c.train_steps_per != "trajectory":
+            return batch
+        steps = self.num_steps
+        count = max(1, round(c.train_fraction * (steps - 1)))
+        chains = tree.prompt[1]  # [P * G] prompt of each trajectory, prompt-major
+        chosen = torch.zeros(chains.shape[0], steps, dtype=torch.bool)
+        for p, g in enumerate(generators):
+            for j in torch.nonzero(chains == p).squeeze(1).tolist():
+                chosen[j, torch.randperm(steps - 1, generator=g)[:count]] = True
+        # Edges of step i lead into level i + 1; on DanceGRPO's shape node j of every level >= 1 is
+        # trajectory j. `trained_edges` lists the trained steps' edges in this order.
+        keep = torch.cat([chosen[:, i] for i in tree.shape.trained_steps])
+        return drop_edges(batch, keep)
+
+    def step_gains(self, schedule: Schedule) -> torch.Tensor:
+        """[T] gradient gain |c_v| / std of each step's log-prob (c_v: the coefficient of the model
+        output in the transition mean, exact because every sampler's mean is linear in it); inf
+        where the std is 0 (a last step that is never trained)."""
+        steps = self.num_steps
+        x = torch.zeros(steps, 1)
+        index = torch.arange(steps)
+        ones, _ = transition(schedule, self.sampler, x, torch.ones(steps, 1), index, stochastic=True)
+        zeros, std = transition(schedule, self.sampler, x, torch.zeros(steps, 1), index, stochastic=True)
+        assert std is not None
+        c_v, std = (ones - zeros).view(steps).abs(), std.reshape(steps).expand(steps)
+        return torch.where(std > 0, c_v / std.clamp(min=1e-30), torch.full_like(std, torch.inf))
+
+
+def drop_edges(batch: EdgeBatch, keep: torch.Tensor) -> EdgeBatch:
+    """The sub-batch of the edges with ``keep`` [Ne] true; nodes left without edges are removed."""
+    if keep.shape != (batch.num_edges,):
+        raise ValueError(f"keep must be [{batch.num_edges}], got {tuple(keep.shape)}")
+    edges = torch.nonzero(keep).squeeze(1)
+    used = torch.zeros(batch.num_nodes, dtype=torch.bool)
+    used[batch.edge_node[edges]] = True
+    remap = torch.cumsum(used.long(), 0) - 1
+    nodes = torch.nonzero(used).squeeze(1)
+    return EdgeBatch(batch.x[nodes], batch.step[nodes], batch.prompt[nodes], remap[batch.edge_node[edges]],
+                     batch.child[edges], batch.old_log_prob[edges], batch.advantage[edges])

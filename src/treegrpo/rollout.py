@@ -132,7 +132,9 @@ def rollout(policy: Policy, prompts: list[str], shape: TreeShape, *, num_steps: 
             k = shape.branching[i]
             mean, std = mean.repeat_interleave(k, dim=0), std.repeat_interleave(k, dim=0)
             children = mean + std * draw_noise(tuple(mean.shape), generator).to(device)
-            log_prob = gaussian_log_prob(children, mean, std)
+            # A zero std (the cps step into sigma = 0) makes the step deterministic: its log-density
+            # is not finite, so it stores none (such a step is never trained).
+            log_prob = gaussian_log_prob(children, mean, std) if bool((std > 0).all()) else None
         tree.add_level(children, log_prob, keep_latents=keep(i + 1))
         x = children
     bar.close()

@@ -46,7 +46,7 @@ from treegrpo.distributed import (accelerate_without_fsdp, all_sum, any_rank, ch
 from treegrpo.ema import EMA
 from treegrpo.evaluation import (accuracy_kind, decode_chunked, evaluate_per_image, image_grid, save_image, score_images, side_by_side,
                                  summarize_eval)
-from treegrpo.loss import kl_to_reference, policy_loss
+from treegrpo.loss import kl_to_reference, policy_loss, step_weights
 from treegrpo.methods import Method
 from treegrpo.memory import PeakMemory
 from treegrpo.policies import Policy, build_policy, enable_prompt_cache, load_trainable_state_dict, trainable_state_dict
@@ -101,6 +101,8 @@ class Trainer:
         self.num_steps = config.model.num_steps
         self.schedule = self.policy.schedule(self.num_steps)
         self.method = Method(config.method, self.num_steps)
+        # |c_v| / std per step, for optim.step_weight gain modes (a property of the schedule and sampler).
+        self.step_gains = self.method.step_gains(self.schedule) if "gain" in config.optim.step_weight else None
         self.eval_seeds = [config.eval.seed_offset + i for i in range(config.eval.num_seeds)]
         names = set(config.reward.weights) | set(config.reward.eval)
         # A reward that raises (e.g. a remote scorer timing out) is retried before the run fails.
@@ -299,9 +301,10 @@ class Trainer:
         rule = self.method.advantage_rule
         edge_adv = tree_advantages(tree, scores, weights=c.reward.weights, rule=rule.backup,  # type: ignore[arg-type]
                                    temperature=rule.temperature, per_depth=rule.per_depth, unbiased=rule.unbiased,
-                                   global_std=rule.global_std, mask=finite,
+                                   global_std=rule.global_std, std_floor=rule.std_floor,
+                                   edge_baseline=rule.edge_baseline, mask=finite,  # type: ignore[arg-type]
                                    sum_over_ranks=lambda t: all_sum(self.accelerator, t))
-        batch = trained_edges(tree, edge_adv)
+        batch = self.method.select_trained(tree, trained_edges(tree, edge_adv), streams)
         if self.is_main:  # the main rank owns the iteration's first prompt
             self.tree_record = record_tree(tree, edge_adv, images, scores, prompts, self.iteration + 1,
                                            c.reward.weights, thumbnail_size=c.log.tree_thumbnail)
@@ -372,6 +375,9 @@ class Trainer:
         o = self.config.optim
         # Per-prompt splits: every rank's minibatch j holds the same number of nodes, so DDP's mean
         # of the ranks' gradients equals the one-process gradient of the union.
+        # Weight per step (optim.step_weight), from the whole iteration's nodes (before the split).
+        gains = self.step_gains
+        weight_table = step_weights(batch.step, o.step_weight, gains, None if gains is None else float(gains[0]))
         minibatches = batch.minibatches_per_prompt(o.minibatches, streams)
         calls = 0
         if o.recompute_old_log_probs:
@@ -395,7 +401,8 @@ class Trainer:
                         log_prob, kl = self._edge_log_probs(chunk, cond, with_reference=o.kl_coef > 0)
                         out = policy_loss(log_prob, chunk.old_log_prob, chunk.advantage, chunk.edge_node,
                                           chunk.num_nodes, clip_range=o.clip_range, adv_clip=o.adv_clip, kl=kl,
-                                          kl_coef=o.kl_coef)
+                                          kl_coef=o.kl_coef, kl_per_edge=o.kl_per_edge,
+                                          node_weight=None if o.step_weight == "none" else weight_table[chunk.step])
                         self.accelerator.backward(out.loss * chunk.num_nodes / mb.num_nodes)
                     calls += chunk.num_nodes
                     for k, v in out.stats.items():

@@ -104,7 +104,10 @@ class TreeShape:
         """
         if trained_steps is None:
             trained_steps = tuple(range(num_steps - 1))
-        _check_steps(num_steps, trained_steps)
+        if num_steps - 1 in trained_steps:
+            raise ValueError(f"trained steps {tuple(trained_steps)} include the last step {num_steps - 1}, which is "
+                             "never trained (sigma near 0: a tiny std, log-probs overflow)")
+        _check_steps(num_steps - 1, trained_steps)
         branching = (group_size,) + (1,) * (num_steps - 1)
         return cls(branching, (True,) * num_steps, tuple(i in trained_steps for i in range(num_steps)), 1)
 
@@ -150,11 +153,11 @@ class WindowSchedule:
     mode "random": truncated geometric ``P[i] = (1 - r) r^i / (1 - r^n)`` over ``i = 0 .. n - 1``
     with ``n = num_starts`` (= T - w for TreeGRPO, so the last step never branches);
     "shift": start at 0 and move one step later every `every` iterations, then stay at the end;
-    "fixed": always `start`.
+    "cycle": as shift, but back to 0 after the last start (MixGRPO's roll-back); "fixed": always `start`.
     """
 
     num_starts: int
-    mode: Literal["random", "shift", "fixed"] = "random"
+    mode: Literal["random", "shift", "cycle", "fixed"] = "random"
     r: float = 0.5
     every: int = 50
     start: int = 0
@@ -162,8 +165,8 @@ class WindowSchedule:
     def __post_init__(self) -> None:
         if self.num_starts < 1:
             raise ValueError(f"num_starts must be >= 1, got {self.num_starts}")
-        if self.mode not in ("random", "shift", "fixed"):
-            raise ValueError(f"window mode must be 'random', 'shift' or 'fixed', got {self.mode!r}")
+        if self.mode not in ("random", "shift", "cycle", "fixed"):
+            raise ValueError(f"window mode must be 'random', 'shift', 'cycle' or 'fixed', got {self.mode!r}")
         if not 0 < self.r < 1:
             raise ValueError(f"window r must be in (0, 1), got {self.r}")
         if self.every < 1:
@@ -181,6 +184,8 @@ class WindowSchedule:
             return self.start
         if self.mode == "shift":
             return min(iteration // self.every, self.num_starts - 1)
+        if self.mode == "cycle":
+            return (iteration // self.every) % self.num_starts
         return int(torch.multinomial(self.probabilities().float(), 1, generator=generator))
 
 
