@@ -203,3 +203,52 @@ def test_sibling_spread_measures_each_branching_step():
     torch.testing.assert_close(out, torch.tensor([[1.5, 1.0], [2.0, 2.0]], dtype=torch.float64))
     valid[2] = torch.tensor([True, False, True, True])  # a node with one valid child has no spread
     assert sibling_spread(tree, values, valid)[1].tolist() == [1.0, 1.0]
+
+
+# ---------------------------------------------------------------- in the trainer
+def _trainer(run, iterations, *extra):
+    from treegrpo.config import load_config
+    from treegrpo.rewards.base import _REGISTRY, register_reward
+    from treegrpo.trainer import Trainer
+
+    if "prune_spread" not in _REGISTRY:
+        register_reward("prune_spread")(lambda: (lambda images, prompts: images.flatten(1).std(dim=1)))
+    config = load_config(None, [
+        "model.family=analytic", "model.num_steps=6", "method.k=2", "method.window=2", f"train.iterations={iterations}",
+        "train.prompts_per_iteration=2", "train.progress=false", "eval.every=0", "eval.num_seeds=1",
+        "eval.grid_prompts=2", "train.checkpoint_every=1", "log.trackers=[]", "log.tree_every=0", "optim.kl_coef=0",
+        "optim.lr=0.02", "optim.clip_range=0.2", "reward.weights={prune_spread: 1.0}", "reward.eval=[prune_spread]",
+        "method.window_mode=adaptive", "method.window_decay=0.5", *extra])
+    return Trainer(config, run, policy=GaussianPolicy(data_std=0.5, latent_shape=(1, 4, 4)), train_prompts=["p0", "p1"])
+
+
+def _records(run):
+    import json
+    return [{k: v for k, v in json.loads(line).items() if k != "wall_seconds" and not k.startswith("memory/")}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("value", ["drop", "probe"])
+def test_pruned_adaptive_training_resumes_bitwise(tmp_path, value):
+    extra = ("method.prune_keep=0.5", f"method.prune_value={value}")
+    straight = _trainer(tmp_path / "a", 6, *extra)
+    straight.train()
+    first = _trainer(tmp_path / "b", 3, *extra)
+    first.train()
+    resumed = _trainer(tmp_path / "b", 6, *extra)
+    resumed.train()
+    assert resumed.method.spread.values == straight.method.spread.values  # the law's memory came back
+    assert any(v is not None for v in straight.method.spread.values)
+    assert torch.equal(resumed.policy.gain, straight.policy.gain)
+    a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
+    # The 3-iteration run also evaluated at its end (iteration 3): the one expected difference.
+    b[3] = {k: v for k, v in b[3].items() if not k.startswith("eval/")}
+    assert a == b
+    steps = a[1:]
+    # Accounting per iteration: rollout calls = unpruned calls of that window minus the saved tails.
+    for r in steps:
+        shape = TreeShape.treegrpo(6, k=2, w=2, start=int(r["window_start"]))
+        assert r["pruned_nodes"] == 2 * 2  # 4 prune-level nodes per prompt, 2 kept
+        assert r["model_calls/saved"] == r["pruned_nodes"] * shape.tail_calls()
+        assert r["model_calls/rollout"] == 2 * shape.num_model_calls - r["model_calls/saved"]
+        assert r["leaves"] == 4
