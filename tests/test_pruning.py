@@ -252,3 +252,18 @@ def test_pruned_adaptive_training_resumes_bitwise(tmp_path, value):
         assert r["model_calls/saved"] == r["pruned_nodes"] * shape.tail_calls()
         assert r["model_calls/rollout"] == 2 * shape.num_model_calls - r["model_calls/saved"]
         assert r["leaves"] == 4
+
+
+@pytest.mark.parametrize("override, match", [
+    ("method.prune_keep=0", "prune_keep must be in"),
+    ("method.prune_keep=1.5", "prune_keep must be in"),
+    ("method.prune_value=best", "prune_value must be drop or probe"),
+    ("method.prune_value=probe", "set method.prune_keep < 1"),
+    ("method.window_mode=learnt", "random, shift, fixed or adaptive"),
+    ("method.window_decay=1", "window_decay must be in"),
+    ("method.window_explore=-0.1", "window_explore must be in"),
+])
+def test_bad_pruning_and_adaptive_settings_name_the_fix(override, match):
+    from treegrpo.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])

@@ -271,6 +271,8 @@ def validate(config: Config) -> None:
         (0 <= m.window_decay < 1, f"method.window_decay must be in [0, 1), got {m.window_decay}"),
         (0 < m.prune_keep <= 1, f"method.prune_keep must be in (0, 1] (1 = no pruning), got {m.prune_keep}"),
         (m.prune_value in ("drop", "probe"), f"method.prune_value must be drop or probe, got {m.prune_value!r}"),
+        (m.prune_value == "drop" or m.prune_keep < 1,
+         "method.prune_value=probe values pruned nodes, but nothing is pruned: set method.prune_keep < 1 as well"),
         (0 < m.window_r < 1, f"method.window_r must be in (0, 1), got {m.window_r}"),
         (m.window_every >= 1, f"method.window_every must be >= 1, got {m.window_every}"),
         (m.window_start >= 0, f"method.window_start must be >= 0, got {m.window_start}"),
