@@ -88,7 +88,9 @@ def combine_rewards(rewards: Mapping[str, torch.Tensor], weights: Mapping[str, f
 
 
 def backup(tree: Tree, leaf_advantages: torch.Tensor, rule: BackupRule = "mean",
-           temperature: float = 1.0, leaf_mask: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+           temperature: float = 1.0, leaf_mask: torch.Tensor | None = None,
+           probe_advantages: torch.Tensor | None = None, probe_mask: torch.Tensor | None = None
+           ) -> list[torch.Tensor | None]:
     """Per-level edge advantages: result[i] is [N_i], the advantage of the edge into each node of
     level i (result[0] is None: roots have no incoming edge). leaf_advantages: [N_T].
 
@@ -97,6 +99,9 @@ def backup(tree: Tree, leaf_advantages: torch.Tensor, rule: BackupRule = "mean",
     summed log-densities would make them one-hot). Single children pass values through.
     leaf_mask: [N_T] bool, leaves to use (e.g. finite rewards); masked subtrees get no weight in
     their parents' means, and a node whose leaves are all masked gets 0.
+    Pruned trees (`Tree.prune`): a pruned node has no leaves, so it is masked like that, unless
+    probe_advantages ([N_prune_level], used where probe_mask [N_prune_level] bool is set) give it
+    a value of its own (the `probe` option of value-guided pruning).
     """
     if rule not in ("mean", "softmax"):
         raise ValueError(f"backup rule must be 'mean' or 'softmax', got {rule!r}")
@@ -112,11 +117,11 @@ def backup(tree: Tree, leaf_advantages: torch.Tensor, rule: BackupRule = "mean",
         values = edge[level]
         parent = tree.parent[level]
         num_parents = tree.prompt[level - 1].shape[0]
-        if tree.shape.branching[level - 1] == 1:
+        if tree.shape.branching[level - 1] == 1 and values.shape[0] == num_parents:
             node_value = values  # a single child passes its value through unchanged
-        else:
+        else:  # (also single children below a pruned level, where some parents have none)
             weights = valid.double()
-            if rule == "softmax":
+            if rule == "softmax" and tree.shape.branching[level - 1] > 1:
                 lp = tree.log_prob[level]
                 if lp is None:
                     raise ValueError(f"softmax backup needs the log-probs of step {level - 1}")
@@ -127,6 +132,10 @@ def backup(tree: Tree, leaf_advantages: torch.Tensor, rule: BackupRule = "mean",
             total = torch.zeros(num_parents, dtype=torch.float64).index_add_(0, parent, weights * values.double())
             node_value = (total / norm.clamp(min=1e-300)).float()
             valid = torch.zeros(num_parents, dtype=torch.float64).index_add_(0, parent, valid.double()) > 0
+        if level - 1 == tree.prune_level and probe_advantages is not None:
+            use = probe_mask.bool() if probe_mask is not None else ~tree.kept
+            node_value = torch.where(use, probe_advantages.float(), node_value)
+            valid = valid | use
         edge[level - 1] = node_value
     edge[0] = None
     return edge
@@ -201,19 +210,44 @@ def tree_advantages(tree: Tree, rewards: Mapping[str, torch.Tensor], *, weights:
                     rule: BackupRule = "mean", temperature: float = 1.0, per_depth: bool = False,
                     unbiased: bool = False, global_std: bool = False, std_floor: float = 0.0,
                     edge_baseline: EdgeBaseline = "none", mask: torch.Tensor | None = None,
-                    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+                    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    probe_rewards: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor | None]:
     """The whole chain: rewards per leaf ({name: [L]}) -> per-level edge advantages.
 
     std_floor: see `normalize_by_group` (leaf normalisation only); edge_baseline "parent": see
     `parent_baseline` (applied after the backup, before any per-depth normalisation);
-    sum_over_ranks: see `normalize_by_group`."""
+    sum_over_ranks: see `normalize_by_group`.
+    probe_rewards: {name: [N_prune_level]} probe scores of a pruned tree's prune level; given, the
+    pruned nodes' probe rewards join the leaf rewards of their prompt in the normalisation and
+    stand in for their missing subtrees in the backup (`prune_value: probe`); else pruned subtrees
+    are dropped from the backup."""
     if edge_baseline not in ("none", "parent"):
         raise ValueError(f"edge_baseline must be 'none' or 'parent', got {edge_baseline!r}")
+    if edge_baseline == "parent" and probe_rewards is not None:
+        raise ValueError("edge_baseline 'parent' centres on the leaves below a node; it does not know probe values "
+                         "of pruned nodes (use prune_value 'drop')")
     group = tree.leaf_prompt
+    num_leaves = group.shape[0]
+    mask = torch.ones(num_leaves, dtype=torch.bool) if mask is None and probe_rewards else mask
+    probe_rows = None
+    if probe_rewards is not None and tree.kept is not None:
+        # Pruned nodes are extra members of their prompt's group: normalised with the leaves.
+        probe_rows = torch.nonzero(~tree.kept).squeeze(1)
+        rewards = {n: torch.cat([r.float(), probe_rewards[n].float()[probe_rows]]) for n, r in rewards.items()}
+        group = torch.cat([group, tree.prompt[tree.prune_level][probe_rows]])
+        finite = torch.stack([torch.isfinite(r[num_leaves:]) for r in rewards.values()]).all(dim=0)
+        mask = torch.cat([mask, finite])
     combined = combine_rewards(rewards, weights, group, mask=mask)
-    leaf = normalize_by_group(combined, group, unbiased=unbiased, global_std=global_std, std_floor=std_floor,
-                              mask=mask, sum_over_ranks=sum_over_ranks)
-    edges = backup(tree, leaf, rule=rule, temperature=temperature, leaf_mask=mask)
+    terminal = normalize_by_group(combined, group, unbiased=unbiased, global_std=global_std, std_floor=std_floor,
+                                  mask=mask, sum_over_ranks=sum_over_ranks)
+    leaf, leaf_mask = terminal[:num_leaves], None if mask is None else mask[:num_leaves]
+    probe_adv = probe_mask = None
+    if probe_rows is not None:
+        assert tree.kept is not None and mask is not None
+        probe_adv = torch.zeros(tree.kept.shape[0]).index_put_((probe_rows,), terminal[num_leaves:])
+        probe_mask = torch.zeros(tree.kept.shape[0], dtype=torch.bool).index_put_((probe_rows,), mask[num_leaves:])
+    edges = backup(tree, leaf, rule=rule, temperature=temperature, leaf_mask=leaf_mask,
+                   probe_advantages=probe_adv, probe_mask=probe_mask)
     if edge_baseline == "parent":
-        edges = parent_baseline(tree, edges, leaf_mask=mask, rule=rule, temperature=temperature)
+        edges = parent_baseline(tree, edges, leaf_mask=leaf_mask, rule=rule, temperature=temperature)
     return normalize_per_depth(tree, edges, unbiased=unbiased) if per_depth else edges

@@ -64,6 +64,12 @@ class MethodConfig:
     window_max_start: int = -1  # latest window start the schedule may pick (-1 = T - w - 1, the paper's law); the law is truncated there
     window_every: int = 50  # shift mode: iterations per one-step move
     window_start: int = 0  # fixed mode: the start step
+    window_explore: float = 0.25  # adaptive mode: share of the paper's truncated geometric law mixed into the learnt law
+    window_decay: float = 0.9  # adaptive mode: EMA decay of each step's sibling-advantage spread
+    # value-guided pruning (treegrpo.pruning): share of each prompt's prune-level nodes that get their
+    # ODE tails (1 = off); pruned nodes are dropped from the backup or valued by their probe
+    prune_keep: float = 1.0
+    prune_value: str = "drop"  # drop (completed leaves only) or probe (pruned nodes keep their probe reward)
     trees_per_prompt: int = 1  # independent trees per prompt (TreeGRPO), roots for the others
     # group methods
     group_size: int = 12  # G: chains (Flow-GRPO) or branches (DanceGRPO, MixGRPO)
@@ -294,12 +300,22 @@ def validate(config: Config) -> None:
         (config.model.num_steps >= 2, f"model.num_steps must be >= 2, got {config.model.num_steps}"),
         (m.k >= 1, f"method.k must be >= 1, got {m.k}"),
         (m.window >= 1, f"method.window must be >= 1, got {m.window}"),
-        (m.window_mode in ("random", "shift", "cycle", "fixed"), f"method.window_mode must be random, shift, cycle or fixed, got {m.window_mode!r}"),
+        (m.window_mode in ("random", "shift", "cycle", "fixed", "adaptive"),
+         f"method.window_mode must be random, shift, cycle, fixed or adaptive, got {m.window_mode!r}"),
         (m.window_max_start >= -1, f"method.window_max_start must be >= 0, or -1 for no cap, got {m.window_max_start}"),
         (m.train_steps_per in ("trajectory", "iteration"), f"method.train_steps_per must be trajectory or iteration, got {m.train_steps_per!r}"),
         (m.std_floor >= 0, f"method.std_floor must be >= 0 (0 = no floor), got {m.std_floor}"),
         (m.edge_baseline in ("none", "parent"), f"method.edge_baseline must be none or parent, got {m.edge_baseline!r}"),
         (o.step_weight in ("none", "level", "gain", "level_gain"), f"optim.step_weight must be none, level, gain or level_gain, got {o.step_weight!r}"),
+        (0 <= m.window_explore <= 1, f"method.window_explore must be in [0, 1], got {m.window_explore}"),
+        (0 <= m.window_decay < 1, f"method.window_decay must be in [0, 1), got {m.window_decay}"),
+        (0 < m.prune_keep <= 1, f"method.prune_keep must be in (0, 1] (1 = no pruning), got {m.prune_keep}"),
+        (m.prune_value in ("drop", "probe"), f"method.prune_value must be drop or probe, got {m.prune_value!r}"),
+        (m.prune_value == "drop" or m.prune_keep < 1,
+         "method.prune_value=probe values pruned nodes, but nothing is pruned: set method.prune_keep < 1 as well"),
+        (not (m.prune_value == "probe" and m.edge_baseline == "parent"),
+         "method.edge_baseline=parent centres on the leaves below a node and cannot use probe values: set "
+         "method.prune_value=drop or method.edge_baseline=none"),
         (0 < m.window_r < 1, f"method.window_r must be in (0, 1), got {m.window_r}"),
         (m.window_every >= 1, f"method.window_every must be >= 1, got {m.window_every}"),
         (m.window_start >= 0, f"method.window_start must be >= 0, got {m.window_start}"),

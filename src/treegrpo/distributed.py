@@ -71,7 +71,8 @@ def max_over_ranks(accelerator: Any, value: float) -> float:
 
 
 # How each metric combines over ranks; keys not listed are averaged with weight = the rank's "leaves".
-SUMMED = ("leaves", "nonfinite_rewards", "model_calls/rollout", "model_calls/train", "finite_leaves")
+SUMMED = ("leaves", "nonfinite_rewards", "model_calls/rollout", "model_calls/train", "finite_leaves",
+          "model_calls/saved", "pruned_nodes")
 MINIMUM = ("train/ratio_min", "memory/peak_rss_reset")
 MAXIMUM = ("train/ratio_max", "train/first_ratio_dev", "memory/peak_rss_mb", "memory/peak_rss_growth_mb",
            "memory/peak_cuda_allocated_mb")  # memory: the largest process

@@ -20,7 +20,7 @@ import torch
 from treegrpo.config import MethodConfig
 from treegrpo.policies.base import Schedule
 from treegrpo.rollout import SamplerConfig, transition
-from treegrpo.tree import EdgeBatch, Tree, TreeShape, WindowSchedule, dance_trained_steps
+from treegrpo.tree import EdgeBatch, StepSpread, Tree, TreeShape, WindowSchedule, dance_trained_steps
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,18 @@ class Method:
                                             config.edge_baseline)
         self.window: WindowSchedule | None = None
         self.last_start: int | None = None  # the window start of the latest iteration
+        self.spread: StepSpread | None = None  # the adaptive window's per-step memory
         if config.name in ("treegrpo", "mix_grpo"):
             num_starts = num_steps - config.window
             if config.window_max_start >= 0:  # the law (or the slide) truncated at the cap
                 num_starts = min(num_starts, config.window_max_start + 1)
             self.window = WindowSchedule(num_starts=num_starts, mode=config.window_mode,  # type: ignore[arg-type]
-                                         r=config.window_r, every=config.window_every, start=config.window_start)
+                                         r=config.window_r, every=config.window_every, start=config.window_start,
+                                         # MixGRPO branches at its start only: score that step alone
+                                         width=config.window if config.name == "treegrpo" else 1,
+                                         explore=config.window_explore)
+            if config.window_mode == "adaptive":
+                self.spread = StepSpread(num_steps, config.window_decay)
         self.shape_for(0, torch.Generator().manual_seed(0))  # fail now, not mid-run, on a bad combination
         self.last_start = None
 
@@ -63,27 +69,34 @@ class Method:
         schedule itself is a function of the iteration and the shared generator (both saved)."""
         if self.window is None:
             return None
-        return {"schedule": dataclasses.asdict(self.window), "last_start": self.last_start}
+        state = {"schedule": dataclasses.asdict(self.window), "last_start": self.last_start}
+        if self.spread is not None:
+            state["spread"] = self.spread.state_dict()
+        return state
 
     def load_state_dict(self, state: dict | None) -> None:
         """Restore `state_dict()`; a changed schedule is allowed (a deliberate config change) but warned about."""
         if self.window is None or not state:
             return
         saved = state.get("schedule")
-        if saved is not None and saved != dataclasses.asdict(self.window):
+        current = dataclasses.asdict(self.window)
+        # Keys a checkpoint predates (width, explore) count as unchanged.
+        if saved is not None and any(saved.get(k, v) != v for k, v in current.items()):
             warnings.warn(f"the window schedule changed since the checkpoint: {saved} -> {dataclasses.asdict(self.window)}")
         self.last_start = state.get("last_start")
+        if self.spread is not None and state.get("spread") is not None:
+            self.spread.load_state_dict(state["spread"])
 
     def shape_for(self, iteration: int, generator: torch.Generator) -> TreeShape:
         """The tree shape of `iteration`; draws from `generator` where the method is random."""
         c, steps = self.config, self.num_steps
         if c.name == "treegrpo":
             assert self.window is not None
-            self.last_start = self.window.pick(iteration, generator)
+            self.last_start = self.window.pick(iteration, generator, self.spread.values if self.spread else None)
             return TreeShape.treegrpo(steps, c.k, c.window, self.last_start, c.trees_per_prompt)
         if c.name == "mix_grpo":
             assert self.window is not None
-            self.last_start = self.window.pick(iteration, generator)
+            self.last_start = self.window.pick(iteration, generator, self.spread.values if self.spread else None)
             return TreeShape.mix_grpo(steps, c.group_size, c.window, self.last_start)
         if c.name == "flow_grpo":
             return TreeShape.flow_grpo(steps, c.group_size)

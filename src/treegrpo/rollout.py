@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from treegrpo.policies.base import Policy, Schedule
+from treegrpo.pruning import clean_estimate
 from treegrpo.steps import SDE_KINDS, ddim_mean_std, euler_step, gaussian_log_prob, sde_mean_std
 from treegrpo.tree import Tree, TreeShape
 
@@ -87,7 +88,8 @@ def rollout(policy: Policy, prompts: list[str], shape: TreeShape, *, num_steps: 
             sampler: SamplerConfig = SamplerConfig(),
             generator: torch.Generator | Sequence[torch.Generator] | None = None,
             max_batch: int = 256, cond: Any = None, keep_all_latents: bool = False,
-            root_latents: torch.Tensor | None = None, progress: bool = False, desc: str = "rollout") -> Tree:
+            root_latents: torch.Tensor | None = None, progress: bool = False, desc: str = "rollout",
+            probe: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> Tree:
     """Grow one forest for `prompts` with `shape`; returns the `Tree` (its `num_model_calls` counts
     model evaluations without CFG).
 
@@ -96,6 +98,10 @@ def rollout(policy: Policy, prompts: list[str], shape: TreeShape, *, num_steps: 
     training needs (trained nodes, their children, leaves) keep their
     latents unless `keep_all_latents`. root_latents: optional [P * R, *latent_shape] initial noise.
     progress: a bar (model calls done / total, with ETA) on a terminal, titled `desc`.
+    probe: value-guided pruning (`treegrpo.pruning`). At `shape.prune_level` the rollout passes the
+    one-step clean estimates [N, *latent_shape] of that level's nodes (from the model call it makes
+    there anyway) and their prompt indices [N] to `probe`, which returns a [N] bool mask of the
+    nodes to complete; the others are pruned (`Tree.prune`) and their tails never computed.
     """
     num_steps = num_steps or shape.num_steps
     if shape.num_steps != num_steps:
@@ -118,6 +124,9 @@ def rollout(policy: Policy, prompts: list[str], shape: TreeShape, *, num_steps: 
 
     if not keep(0):
         tree.latents[0] = None
+    if probe is not None and (shape.prune_level is None or shape.prune_level >= num_steps):
+        raise ValueError("value-guided pruning needs an untrained step after the last trained one "
+                         "(its model call gives the probe)")
     bar = tqdm(total=num_roots * shape.num_model_calls, desc=desc, unit="call", disable=None if progress else True,
                leave=False, dynamic_ncols=True)
     for i in range(num_steps):
@@ -125,6 +134,12 @@ def rollout(policy: Policy, prompts: list[str], shape: TreeShape, *, num_steps: 
         step = torch.full((x.shape[0],), i, dtype=torch.long, device=device)
         out = predict_chunked(policy, x, schedule.times.to(device)[step], cond, prompt_index, max_batch, bar.update)
         tree.num_model_calls += x.shape[0]
+        if probe is not None and i == shape.prune_level:
+            kept = probe(clean_estimate(schedule, x, out, step), prompt_index)
+            tree.prune(kept.to(torch.bool).cpu())
+            rows = torch.nonzero(tree.kept).squeeze(1).to(device)
+            x, out, step = x[rows], out[rows], step[rows]
+            bar.total = bar.n + x.shape[0] * (num_steps - i - 1)  # the pruned tails are never run
         mean, std = transition(schedule, sampler, x, out, step, shape.stochastic[i])
         if std is None:
             children, log_prob = mean, None

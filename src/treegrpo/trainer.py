@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from treegrpo.advantages import tree_advantages
+from treegrpo.advantages import backup, tree_advantages
 from treegrpo.checkpoint import (EMA_WEIGHTS, WEIGHTS, CheckpointError, CheckpointWriteError, load_state, load_weights,
                                  resume_checkpoint, save_checkpoint)
 from treegrpo.config import Config, ConfigError, check_resume_config, save_config
@@ -59,7 +59,8 @@ from treegrpo.rollout import rollout, transition
 from treegrpo.steps import gaussian_log_prob
 from treegrpo.stopping import StopSignals, TrainingStopped
 from treegrpo.tracking import RunLogger, truncate_metrics
-from treegrpo.tree import EdgeBatch, trained_edges
+from treegrpo.pruning import max_spread_subset, probe_correlation
+from treegrpo.tree import EdgeBatch, sibling_spread, trained_edges
 from treegrpo.tree_record import TreeRecord, record_tree
 
 
@@ -291,8 +292,10 @@ class Trainer:
         # Per-prompt streams: a prompt's noise and minibatch split do not depend on which rank grows it.
         streams = [torch.Generator().manual_seed(s) for s in seeds[own]]
         cond = self.policy.encode_prompts(prompts)
+        probed: dict[str, Any] = {}  # value-guided pruning: the probe's scores and values
+        probe = self._probe(prompts, probed) if c.method.prune_keep < 1 else None
         tree = rollout(self.policy, prompts, shape, num_steps=self.num_steps, sampler=self.method.sampler,
-                       generator=streams, max_batch=c.train.max_batch, cond=cond)
+                       generator=streams, max_batch=c.train.max_batch, cond=cond, probe=probe)
         # Rewards on the decoded leaves; non-finite scores are masked out of statistics and training.
         images = decode_chunked(self.policy, tree.leaves, c.train.max_batch)
         leaf_prompts = [prompts[int(i)] for i in tree.leaf_prompt]
@@ -303,11 +306,15 @@ class Trainer:
                                    temperature=rule.temperature, per_depth=rule.per_depth, unbiased=rule.unbiased,
                                    global_std=rule.global_std, std_floor=rule.std_floor,
                                    edge_baseline=rule.edge_baseline, mask=finite,  # type: ignore[arg-type]
-                                   sum_over_ranks=lambda t: all_sum(self.accelerator, t))
+                                   sum_over_ranks=lambda t: all_sum(self.accelerator, t),
+                                   probe_rewards=probed.get("scores") if c.method.prune_value == "probe" else None)
         batch = self.method.select_trained(tree, trained_edges(tree, edge_adv), streams)
+        if self.method.spread is not None:  # the adaptive window learns from every iteration
+            self._observe_spread(tree, scores, finite)
         if self.is_main:  # the main rank owns the iteration's first prompt
             self.tree_record = record_tree(tree, edge_adv, images, scores, prompts, self.iteration + 1,
-                                           c.reward.weights, thumbnail_size=c.log.tree_thumbnail)
+                                           c.reward.weights, thumbnail_size=c.log.tree_thumbnail,
+                                           probe_rewards=probed.get("scores"))
         n_finite = float(finite.sum())
         record: dict[str, float] = {
             "window_start": float(shape.trained_steps[0]) if shape.trained_steps else -1.0,
@@ -316,7 +323,15 @@ class Trainer:
             "train/advantage_abs_mean": float(batch.advantage.abs().mean()),
         }
         weights = {"train/advantage_abs_mean": float(batch.num_edges)}  # how ranks' means combine
-        weighted = sum(c.reward.weights[n] * torch.nan_to_num(s) for n, s in scores.items())
+        if c.method.prune_keep < 1:
+            record["pruned_nodes"] = float(tree.num_pruned)
+            record["model_calls/saved"] = float(tree.num_pruned * shape.tail_calls())
+            value = probed["value"]
+            record["train/probe_reward_mean"] = float(value[torch.isfinite(value)].mean())
+            weights["train/probe_reward_mean"] = float(torch.isfinite(value).sum())
+            corr, n = probe_correlation(value[tree.kept], self._weighted(scores), tree.leaf_prompt)
+            record["prune/probe_leaf_corr"], weights["prune/probe_leaf_corr"] = corr, n
+        weighted = self._weighted(scores)
         record["train/reward_mean"] = float(weighted[finite].mean()) if finite.any() else float("nan")
         weights["train/reward_mean"] = n_finite
         for name, s in scores.items():
@@ -337,6 +352,35 @@ class Trainer:
         self.total_calls += int(record["model_calls/rollout"] + record["model_calls/train"])
         record["model_calls/total"] = float(self.total_calls)
         return record
+
+    def _weighted(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[L] the weighted training reward of each image (non-finite scores count as 0)."""
+        return sum(self.config.reward.weights[n] * torch.nan_to_num(s) for n, s in scores.items())  # type: ignore[return-value]
+
+    def _probe(self, prompts: list[str], probed: dict[str, Any]):
+        """The rollout's value probe: decode the clean estimates [N, ...] of the prune level, score
+        them with the training rewards, keep each prompt's max-spread share (`treegrpo.pruning`)."""
+        c = self.config
+
+        def probe(x0: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+            images = decode_chunked(self.policy, x0, c.train.max_batch)
+            scores = score_images(images, [prompts[int(i)] for i in prompt_index],
+                                  {n: self.rewards[n] for n in c.reward.weights}, c.train.max_batch)
+            finite = torch.stack([torch.isfinite(s) for s in scores.values()]).all(dim=0)
+            value = torch.where(finite, self._weighted(scores), torch.full_like(finite, math.nan, dtype=torch.float32))
+            probed.update(scores=scores, value=value)
+            return max_spread_subset(value, prompt_index.cpu(), c.method.prune_keep)
+
+        return probe
+
+    def _observe_spread(self, tree: Any, scores: dict[str, torch.Tensor], finite: torch.Tensor) -> None:
+        """Adaptive window: per step, how much sibling subtrees' mean rewards differed (summed over
+        ranks, so every rank's schedule stays the same)."""
+        values = backup(tree, self._weighted(scores), leaf_mask=finite)
+        valid = backup(tree, torch.ones(finite.shape), leaf_mask=finite)  # 1 where a subtree has leaves, else 0
+        sums = sibling_spread(tree, values, [None if v is None else v > 0.5 for v in valid])
+        assert self.method.spread is not None
+        self.method.spread.update(all_sum(self.accelerator, sums))
 
     def _pick_prompts(self) -> list[str]:
         n = self.config.train.prompts_per_iteration

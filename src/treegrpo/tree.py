@@ -78,6 +78,20 @@ class TreeShape:
     def trained_steps(self) -> tuple[int, ...]:
         return tuple(i for i, t in enumerate(self.trained) if t)
 
+    @property
+    def prune_level(self) -> int | None:
+        """The level where value-guided pruning acts: the children of the last trained step (for
+        TreeGRPO the window's last level, before the ODE tails). Every step from it on is untrained,
+        so pruning there removes leaves, never trained nodes. None if no step is trained."""
+        steps = self.trained_steps
+        return steps[-1] + 1 if steps else None
+
+    def tail_calls(self) -> int:
+        """Model calls per prune-level node that pruning can save: its tail minus the first call,
+        which the value probe uses (its prediction gives the clean estimate)."""
+        level = self.prune_level
+        return 0 if level is None else max(self.num_steps - level - 1, 0)
+
     # ----- presets, one per method (SPEC.md section 6) -----
 
     @classmethod
@@ -153,20 +167,28 @@ class WindowSchedule:
     mode "random": truncated geometric ``P[i] = (1 - r) r^i / (1 - r^n)`` over ``i = 0 .. n - 1``
     with ``n = num_starts`` (= T - w for TreeGRPO, so the last step never branches);
     "shift": start at 0 and move one step later every `every` iterations, then stay at the end;
-    "cycle": as shift, but back to 0 after the last start (MixGRPO's roll-back); "fixed": always `start`.
+    "cycle": as shift, but back to 0 after the last start (MixGRPO's roll-back); "fixed": always `start`;
+    "adaptive": ``P = explore * geometric + (1 - explore) * score / sum(score)``, where score[i] is
+    the mean over the window's `width` steps of each step's recent sibling spread (`StepSpread`):
+    windows whose branch decisions made the most difference get drawn most. Steps not measured yet
+    take the largest measured spread (optimism, so every window gets tried).
     """
 
     num_starts: int
-    mode: Literal["random", "shift", "cycle", "fixed"] = "random"
+    mode: Literal["random", "shift", "cycle", "fixed", "adaptive"] = "random"
     r: float = 0.5
     every: int = 50
     start: int = 0
+    width: int = 1
+    explore: float = 0.25
 
     def __post_init__(self) -> None:
         if self.num_starts < 1:
             raise ValueError(f"num_starts must be >= 1, got {self.num_starts}")
-        if self.mode not in ("random", "shift", "cycle", "fixed"):
-            raise ValueError(f"window mode must be 'random', 'shift', 'cycle' or 'fixed', got {self.mode!r}")
+        if self.mode not in ("random", "shift", "cycle", "fixed", "adaptive"):
+            raise ValueError(f"window mode must be 'random', 'shift', 'cycle', 'fixed' or 'adaptive', got {self.mode!r}")
+        if self.width < 1 or not 0 <= self.explore <= 1:
+            raise ValueError(f"window width must be >= 1 and explore in [0, 1], got {self.width}, {self.explore}")
         if not 0 < self.r < 1:
             raise ValueError(f"window r must be in (0, 1), got {self.r}")
         if self.every < 1:
@@ -174,19 +196,87 @@ class WindowSchedule:
         if not 0 <= self.start < self.num_starts:
             raise ValueError(f"fixed window start {self.start} out of range 0..{self.num_starts - 1}")
 
-    def probabilities(self) -> torch.Tensor:
-        """[num_starts] the truncated geometric law of the random mode."""
+    def probabilities(self, spread: list[float | None] | None = None) -> torch.Tensor:
+        """[num_starts] float64: the truncated geometric law (random mode), or in adaptive mode its
+        mix with the law learnt from `spread` (per step, None = not measured; see `StepSpread`)."""
         i = torch.arange(self.num_starts, dtype=torch.float64)
-        return (1 - self.r) * self.r**i / (1 - self.r**self.num_starts)
+        geometric = (1 - self.r) * self.r**i / (1 - self.r**self.num_starts)
+        seen = [v for v in (spread or []) if v is not None]
+        if self.mode != "adaptive" or not seen or max(seen) <= 0:
+            return geometric
+        assert spread is not None
+        filled = torch.tensor([max(seen) if v is None else v for v in spread], dtype=torch.float64)
+        score = torch.stack([filled[s:s + self.width].mean() for s in range(self.num_starts)])
+        return self.explore * geometric + (1 - self.explore) * score / score.sum()
 
-    def pick(self, iteration: int, generator: torch.Generator | None = None) -> int:
+    def pick(self, iteration: int, generator: torch.Generator | None = None,
+             spread: list[float | None] | None = None) -> int:
         if self.mode == "fixed":
             return self.start
         if self.mode == "shift":
             return min(iteration // self.every, self.num_starts - 1)
         if self.mode == "cycle":
             return (iteration // self.every) % self.num_starts
-        return int(torch.multinomial(self.probabilities().float(), 1, generator=generator))
+        return int(torch.multinomial(self.probabilities(spread).float(), 1, generator=generator))
+
+
+@dataclass
+class StepSpread:
+    """Per-step EMA of how much sibling decisions differed: the adaptive window's memory.
+
+    values[j]: EMA over iterations of the mean, over the nodes branching at step j, of the
+    (population) std of their children's values (subtree-mean rewards, in reward units), or None
+    while step j has not branched. It is state: checkpoints store it (`state_dict`).
+    """
+
+    num_steps: int
+    decay: float = 0.9
+    values: list[float | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"spread decay must be in [0, 1), got {self.decay}")
+        if not self.values:
+            self.values = [None] * self.num_steps
+
+    def update(self, sums: torch.Tensor) -> None:
+        """sums: [T, 2] float64 (sum of per-node sibling std, number of nodes) per step, e.g. from
+        `sibling_spread` summed over processes; steps without nodes keep their value."""
+        for j in range(self.num_steps):
+            total, count = float(sums[j, 0]), float(sums[j, 1])
+            if count > 0:
+                mean = total / count
+                old = self.values[j]
+                self.values[j] = mean if old is None else self.decay * old + (1 - self.decay) * mean
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "values": list(self.values)}
+
+    def load_state_dict(self, state: dict) -> None:
+        values = state["values"]
+        if len(values) != self.num_steps:
+            raise ValueError(f"saved spread has {len(values)} steps, this run {self.num_steps}")
+        self.values = [None if v is None else float(v) for v in values]
+
+
+def sibling_spread(tree: Tree, values: list[torch.Tensor | None], valid: list[torch.Tensor | None]) -> torch.Tensor:
+    """[T, 2] float64 per step: (sum over branching nodes of the population std of their valid
+    children's values, number of such nodes with at least two valid children). values[i], valid[i]:
+    [N_i] per node of level i (e.g. subtree-mean rewards from a backup, and where they exist)."""
+    out = torch.zeros(tree.num_steps, 2, dtype=torch.float64)
+    for i in range(tree.num_steps):
+        v, ok = values[i + 1], valid[i + 1]
+        if tree.shape.branching[i] < 2 or v is None or ok is None:
+            continue
+        parent, n = tree.parent[i + 1], tree.prompt[i].shape[0]
+        w = ok.double()
+        count = torch.zeros(n, dtype=torch.float64).index_add_(0, parent, w)
+        mean = torch.zeros(n, dtype=torch.float64).index_add_(0, parent, w * v.double()) / count.clamp(min=1)
+        var = torch.zeros(n, dtype=torch.float64).index_add_(0, parent, w * (v.double() - mean[parent]) ** 2)
+        use = count >= 2
+        out[i, 0] = torch.sqrt(var[use] / count[use]).sum()
+        out[i, 1] = float(use.sum())
+    return out
 
 
 def dance_trained_steps(num_steps: int, fraction: float, generator: torch.Generator | None = None) -> tuple[int, ...]:
@@ -212,6 +302,9 @@ class Tree:
     prompt[i]: [N_i] long prompt index of each node; root[i]: [N_i] long tree index.
     log_prob[i]: [N_i] float32 rollout log-prob of the edge into each node (stochastic step i - 1),
         None for level 0 and after ODE steps.
+    prune_level / kept: set by value-guided pruning (`prune`): kept is [N_prune_level] bool, the nodes
+        of that level that were completed; the others have no descendants (levels after it hold only
+        the kept nodes' subtrees, so there are fewer leaves than `shape.num_leaves`).
     """
 
     shape: TreeShape
@@ -223,6 +316,27 @@ class Tree:
     log_prob: list[torch.Tensor | None]
     num_model_calls: int = 0
     extras: dict = field(default_factory=dict)
+    prune_level: int | None = None
+    kept: torch.Tensor | None = None
+
+    @property
+    def pruned(self) -> torch.Tensor | None:
+        """[N_prune_level] bool, the pruned nodes (None when nothing was pruned)."""
+        return None if self.kept is None else ~self.kept
+
+    @property
+    def num_pruned(self) -> int:
+        return 0 if self.kept is None else int((~self.kept).sum())
+
+    def prune(self, kept: torch.Tensor) -> None:
+        """Mark the current frontier's nodes: only `kept` ([N] bool) get children from here on."""
+        level = len(self.prompt) - 1
+        if self.kept is not None:
+            raise ValueError(f"the tree was already pruned at level {self.prune_level}")
+        if kept.dtype != torch.bool or kept.shape != self.prompt[level].shape:
+            raise ValueError(f"kept must be a bool mask of the {self.prompt[level].shape[0]} frontier nodes, "
+                             f"got {kept.dtype} {tuple(kept.shape)}")
+        self.prune_level, self.kept = level, kept.cpu()
 
     @property
     def num_steps(self) -> int:
@@ -254,7 +368,11 @@ class Tree:
         """Append the children of the current frontier (each parent's children contiguous)."""
         step = len(self.prompt) - 1
         branching = self.shape.branching[step]
-        parents = torch.arange(self.prompt[-1].shape[0]).repeat_interleave(branching)
+        alive = torch.arange(self.prompt[-1].shape[0])
+        if step == self.prune_level:
+            assert self.kept is not None
+            alive = alive[self.kept]  # pruned nodes get no children
+        parents = alive.repeat_interleave(branching)
         if latents.shape[0] != parents.shape[0]:
             raise ValueError(f"level {step + 1}: expected {parents.shape[0]} children, got {latents.shape[0]}")
         self.parent.append(parents)

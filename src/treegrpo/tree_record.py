@@ -31,6 +31,9 @@ class TreeRecord:
     rewards: {name: [L] float32} per leaf (NaN where a reward was not finite).
     thumbnails: [L, 3, h, w] uint8 leaf images, largest side at most the configured thumbnail size.
     branching / stochastic / trained: per step, from the iteration's `TreeShape`.
+    prune_level / kept / probe_rewards: value-guided pruning (else None / empty): kept [N_prune_level]
+    bool over this prompt's nodes of that level, probe_rewards {name: [N_prune_level]} the probe's
+    scores of every node there (pruned ones have no leaf: their probe is all they have).
     """
 
     iteration: int
@@ -43,6 +46,26 @@ class TreeRecord:
     rewards: dict[str, torch.Tensor]
     thumbnails: torch.Tensor
     weights: dict[str, float] = field(default_factory=dict)
+    prune_level: int | None = None
+    kept: torch.Tensor | None = None
+    probe_rewards: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the picture: one per leaf, plus one per pruned node (it ends where it was pruned)."""
+        return self.num_leaves + self.num_pruned
+
+    @property
+    def num_pruned(self) -> int:
+        return 0 if self.kept is None else int((~self.kept).sum())
+
+    def probe_reward(self) -> torch.Tensor | None:
+        """[N_prune_level] the weighted training reward of each probe, or None without pruning."""
+        if not self.probe_rewards:
+            return None
+        names = [n for n in self.weights if n in self.probe_rewards] or list(self.probe_rewards)
+        weights = self.weights or {n: 1.0 for n in names}
+        return sum(weights[n] * self.probe_rewards[n] for n in names)  # type: ignore[return-value]
 
     @property
     def num_steps(self) -> int:
@@ -75,10 +98,15 @@ class TreeRecord:
             tensors[f"advantage_{i}"] = self.advantage[i].float().contiguous()
         for name, values in self.rewards.items():
             tensors[f"reward_{name}"] = values.float().contiguous()
+        if self.kept is not None:
+            tensors["kept"] = self.kept.to(torch.uint8).contiguous()
+        for name, values in self.probe_rewards.items():
+            tensors[f"probe_{name}"] = values.float().contiguous()
         save_file(tensors, str(stem) + ".safetensors")
         meta = {"iteration": self.iteration, "prompt": self.prompt, "branching": self.branching,
                 "stochastic": self.stochastic, "trained": self.trained, "rewards": list(self.rewards),
-                "weights": self.weights, "num_leaves": self.num_leaves, "num_edges": self.num_edges}
+                "weights": self.weights, "num_leaves": self.num_leaves, "num_edges": self.num_edges,
+                "prune_level": self.prune_level, "probe_rewards": list(self.probe_rewards)}
         path = Path(str(stem) + ".json")
         path.write_text(json.dumps(meta) + "\n")
         return path
@@ -94,7 +122,9 @@ class TreeRecord:
         return cls(meta["iteration"], meta["prompt"], meta["branching"], meta["stochastic"], meta["trained"],
                    [empty.long()] + [tensors[f"parent_{i}"] for i in range(1, steps + 1)],
                    [empty.float()] + [tensors[f"advantage_{i}"] for i in range(1, steps + 1)],
-                   {n: tensors[f"reward_{n}"] for n in meta["rewards"]}, tensors["thumbnails"], meta["weights"])
+                   {n: tensors[f"reward_{n}"] for n in meta["rewards"]}, tensors["thumbnails"], meta["weights"],
+                   meta.get("prune_level"), tensors["kept"].bool() if "kept" in tensors else None,
+                   {n: tensors[f"probe_{n}"] for n in meta.get("probe_rewards", [])})
 
 
 def list_records(run_dir: str | Path) -> list[Path]:
@@ -115,12 +145,12 @@ def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
 def record_tree(tree: Tree, edge_advantages: list[torch.Tensor | None], images: torch.Tensor,
                 rewards: Mapping[str, torch.Tensor], prompts: list[str], iteration: int,
                 weights: Mapping[str, float] | None = None, prompt_index: int = 0,
-                thumbnail_size: int = 48) -> TreeRecord:
+                thumbnail_size: int = 48, probe_rewards: Mapping[str, torch.Tensor] | None = None) -> TreeRecord:
     """Cut prompt `prompt_index`'s trees out of a rollout.
 
     edge_advantages: per level [N_i] (from `treegrpo.advantages.tree_advantages`; None entries,
     e.g. level 0, become NaN); images: [N_T, 3, H, W] decoded leaves of the whole batch;
-    rewards: {name: [N_T]}.
+    rewards: {name: [N_T]}; probe_rewards: {name: [N_prune_level]} the probe scores of a pruned tree.
     """
     if not 0 <= prompt_index < tree.num_prompts:
         raise ValueError(f"prompt_index {prompt_index} out of range: the rollout has {tree.num_prompts} prompts")
@@ -138,7 +168,13 @@ def record_tree(tree: Tree, edge_advantages: list[torch.Tensor | None], images: 
         keep_prev = keep
     leaves = keep_prev
     shape = tree.shape
+    kept, probes = None, {}
+    if tree.kept is not None and tree.prune_level is not None:
+        rows = torch.nonzero(tree.prompt[tree.prune_level] == prompt_index).squeeze(1)
+        kept = tree.kept[rows].clone()
+        probes = {n: r[rows].float().cpu() for n, r in (probe_rewards or {}).items()}
     return TreeRecord(iteration, prompts[prompt_index], list(shape.branching), list(shape.stochastic),
                       list(shape.trained), parents, advantages,
                       {n: r[leaves].float().cpu() for n, r in rewards.items()},
-                      thumbnails(images[leaves].cpu(), thumbnail_size), dict(weights or {}))
+                      thumbnails(images[leaves].cpu(), thumbnail_size), dict(weights or {}),
+                      tree.prune_level, kept, probes)

@@ -48,10 +48,19 @@ def png_data_uri(image: torch.Tensor | Image.Image) -> str:
 
 
 def layout(record: TreeRecord, row: float, top: float) -> list[torch.Tensor]:
-    """y coordinate of every node, per level: leaves one per row, inner nodes at their children's mean."""
+    """y coordinate of every node, per level: leaves one per row, inner nodes at their children's mean.
+    A pruned tree gets one row per node of its prune level (pruned nodes end there, kept ones run
+    straight on to their leaves)."""
     ys = [torch.empty(0)] * (record.num_steps + 1)
-    ys[-1] = top + row * (torch.arange(record.num_leaves, dtype=torch.float64) + 0.5)
-    for level in range(record.num_steps, 0, -1):
+    last = record.num_steps
+    if record.kept is not None and record.prune_level is not None:
+        last = record.prune_level
+        ys[last] = top + row * (torch.arange(record.kept.shape[0], dtype=torch.float64) + 0.5)
+        for level in range(last + 1, record.num_steps + 1):  # single-child tails: straight lines
+            ys[level] = ys[level - 1][record.parent[level]]
+    else:
+        ys[-1] = top + row * (torch.arange(record.num_leaves, dtype=torch.float64) + 0.5)
+    for level in range(last, 0, -1):
         parent = record.parent[level]
         count = max(int(parent.max()) + 1, 0) if parent.numel() else 0
         total = torch.zeros(count, dtype=torch.float64).index_add_(0, parent, ys[level])
@@ -70,7 +79,7 @@ def tree_svg(record: TreeRecord, thumb: int = 40, column: int = 64, reward_name:
     xs = [left + column * i for i in range(steps + 1)]
     finite = [a[torch.isfinite(a)].abs() for a in record.advantage[1:] if a.numel()]
     vmax = max([float(a.max()) for a in finite if a.numel()] + [0.0]) or 1.0
-    height = top + row * record.num_leaves + 64
+    height = top + row * record.num_rows + 64
     text_x = xs[-1] + 12 + thumb + 8
     width = text_x + 170
     uid = f"t{record.iteration}"
@@ -83,11 +92,11 @@ def tree_svg(record: TreeRecord, thumb: int = 40, column: int = 64, reward_name:
     for i in range(steps):
         if record.trained[i]:
             parts.append(f'<rect class="window" x="{xs[i]:.1f}" y="{top - 22}" width="{column}" '
-                         f'height="{row * record.num_leaves + 22}" fill="#fff3c4"/>')
+                         f'height="{row * record.num_rows + 22}" fill="#fff3c4"/>')
         kind = "SDE" if record.stochastic[i] else "ODE"
         label = f"{kind}" + (f" x{record.branching[i]}" if record.branching[i] > 1 else "")
         parts.append(f'<text x="{xs[i] + column / 2:.1f}" y="{top - 8}" text-anchor="middle" fill="#555">{i}</text>')
-        parts.append(f'<text x="{xs[i] + column / 2:.1f}" y="{top + row * record.num_leaves + 14}" '
+        parts.append(f'<text x="{xs[i] + column / 2:.1f}" y="{top + row * record.num_rows + 14}" '
                      f'text-anchor="middle" fill="#555" font-size="9">{label}</text>')
     parts.append(f'<text x="{left}" y="{top - 34}" fill="#555">step (shaded: trained SDE window)</text>')
     # Edges: parent (level i - 1) -> child (level i); width grows with |advantage|.
@@ -118,6 +127,18 @@ def tree_svg(record: TreeRecord, thumb: int = 40, column: int = 64, reward_name:
         r, a = float(reward[j]), float(leaf_adv[j])
         parts.append(f'<text class="leaf-label" x="{text_x:.1f}" y="{y + 4:.1f}">{escape(name)} {r:.3f}  '
                      f'<tspan fill="{advantage_colour(a, vmax)}" font-weight="bold">A {a:+.2f}</tspan></text>')
+    # Pruned nodes (value-guided pruning): a cross where their tail would start, with the probe's value.
+    probe = record.probe_reward()
+    if record.kept is not None and record.prune_level is not None:
+        level = record.prune_level
+        for n in torch.nonzero(~record.kept).squeeze(1).tolist():
+            x, y = xs[level], float(ys[level][n])
+            a = float(record.advantage[level][n]) if level > 0 else float("nan")
+            value = f"probe {float(probe[n]):.3f}  " if probe is not None else ""
+            parts.append(f'<g class="pruned" data-node="{n}"><path d="M{x - 4:.1f},{y - 4:.1f}L{x + 4:.1f},{y + 4:.1f}'
+                         f'M{x - 4:.1f},{y + 4:.1f}L{x + 4:.1f},{y - 4:.1f}" stroke="#888" stroke-width="1.5"/>'
+                         f'<text x="{x + 8:.1f}" y="{y + 4:.1f}" fill="#777">pruned: {value}'
+                         f'<tspan fill="{advantage_colour(a, vmax)}" font-weight="bold">A {a:+.2f}</tspan></text></g>')
     # Legend: the colour scale from -vmax to +vmax.
     ly = height - 30
     stops = "".join(f'<stop offset="{s / 10:.1f}" stop-color="{advantage_colour((s / 5 - 1) * vmax, vmax)}"/>' for s in range(11))
