@@ -259,7 +259,7 @@ def test_pruned_adaptive_training_resumes_bitwise(tmp_path, value):
     ("method.prune_keep=1.5", "prune_keep must be in"),
     ("method.prune_value=best", "prune_value must be drop or probe"),
     ("method.prune_value=probe", "set method.prune_keep < 1"),
-    ("method.window_mode=learnt", "random, shift, fixed or adaptive"),
+    ("method.window_mode=learnt", "random, shift, cycle, fixed or adaptive"),
     ("method.window_decay=1", "window_decay must be in"),
     ("method.window_explore=-0.1", "window_explore must be in"),
 ])
