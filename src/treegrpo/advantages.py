@@ -8,6 +8,8 @@
    Single-child links pass values through unchanged, so on a chain this is trajectory-level GRPO.
 4. `normalize_per_depth`: BranchGRPO's rule, each level standardised within its prompt group.
 
+`diversity_weighted_advantages` (GARDO, ``method.diversity_weight: gardo``) replaces step 2.
+
 Groups with (numerically) zero spread get zero advantages, never NaN.
 """
 
@@ -130,12 +132,54 @@ def normalize_per_depth(tree: Tree, edge_advantages: list[torch.Tensor | None]) 
 def tree_advantages(tree: Tree, rewards: Mapping[str, torch.Tensor], *, weights: Mapping[str, float] | None = None,
                     rule: BackupRule = "mean", temperature: float = 1.0, per_depth: bool = False,
                     unbiased: bool = False, global_std: bool = False, mask: torch.Tensor | None = None,
-                    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+                    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    diversity: torch.Tensor | None = None) -> list[torch.Tensor | None]:
     """The whole chain: rewards per leaf ({name: [L]}) -> per-level edge advantages
-    (sum_over_ranks: see `normalize_by_group`)."""
+    (sum_over_ranks: see `normalize_by_group`). diversity: [L] each leaf's nearest-neighbour
+    distance in its group; given, GARDO's `diversity_weighted_advantages` replaces leaf normalisation."""
     group = tree.leaf_prompt
     combined = combine_rewards(rewards, weights, group, mask=mask)
-    leaf = normalize_by_group(combined, group, unbiased=unbiased, global_std=global_std, mask=mask,
-                              sum_over_ranks=sum_over_ranks)
+    if diversity is not None:
+        leaf = diversity_weighted_advantages(combined, group, diversity, mask=mask)
+    else:
+        leaf = normalize_by_group(combined, group, unbiased=unbiased, global_std=global_std, mask=mask,
+                                  sum_over_ranks=sum_over_ranks)
     edges = backup(tree, leaf, rule=rule, temperature=temperature, leaf_mask=mask)
     return normalize_per_depth(tree, edges) if per_depth else edges
+
+
+def diversity_weighted_advantages(values: torch.Tensor, group: torch.Tensor, distance: torch.Tensor,
+                                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """GARDO's diversity-weighted leaf advantages (SPEC.md section 8): ``A_i = (r_i - mu) * w_i``,
+    no division by the std, with ``w_i = d_i / mean(d)`` where ``r_i >= mu`` and 1 elsewhere: a
+    better-than-average sample far from its group's others is pushed harder, a near-duplicate less.
+
+    values: [L] rewards; group: [L] long; distance: [L] d_i >= 0, each leaf's distance to its
+    nearest neighbour in its group (`treegrpo.diversity.group_nearest_neighbour`); mask: [L] bool,
+    leaves to use (others get 0 and stay out of mu and mean(d)). Means in float64; a group whose
+    mean distance is 0 (all leaves alike) gets w = 1, a group with no spread gets 0. Returns float32 [L].
+    """
+    if distance.shape != values.shape or group.shape != values.shape:
+        raise ValueError(f"values, group and distance must all be [L], got {tuple(values.shape)}, "
+                         f"{tuple(group.shape)}, {tuple(distance.shape)}")
+    keep = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
+    v = torch.where(keep, values.double(), torch.zeros_like(values, dtype=torch.float64))
+    d = torch.where(keep, distance.double(), torch.zeros_like(v))
+    g = torch.where(keep, group, torch.zeros_like(group))
+    num_groups = int(group.max()) + 1 if group.numel() else 0
+    weight = keep.double()
+
+    def group_mean(x: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, g, x * weight)
+        count = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, g, weight)
+        return total / count.clamp(min=1)
+
+    mean = group_mean(v)
+    centred = v - mean[g]
+    std = torch.sqrt(group_mean(centred**2))
+    scale = torch.zeros(num_groups, dtype=torch.float64).scatter_reduce(0, g, v.abs() * weight, "amax")
+    flat = std <= ZERO_SPREAD * scale.clamp(min=1.0)
+    mean_d = group_mean(d)[g]
+    w = torch.where((centred >= 0) & (mean_d > 0), d / mean_d.clamp(min=1e-300), torch.ones_like(d))
+    adv = torch.where(flat[g] | ~keep, torch.zeros_like(v), centred * w)
+    return adv.float()

@@ -41,8 +41,9 @@ from treegrpo.checkpoint import WEIGHTS, CheckpointError, CheckpointWriteError, 
 from treegrpo.config import Config, ConfigError, check_resume_config, save_config
 from treegrpo.distributed import (all_sum, any_rank, check_divisible, max_over_ranks, padded_shard, reduce_metrics,
                                   shard_slice)
-from treegrpo.evaluation import (decode_chunked, evaluate_per_image, image_grid, save_image, score_images, side_by_side,
-                                 summarize_eval)
+from treegrpo.diversity import DiversityFeature, group_nearest_neighbour, resolve_features
+from treegrpo.evaluation import (decode_chunked, evaluate_per_image, image_grid, ode_sample, save_image, score_images,
+                                 side_by_side, summarize_eval)
 from treegrpo.loss import kl_to_reference, policy_loss
 from treegrpo.methods import Method
 from treegrpo.memory import PeakMemory
@@ -93,6 +94,7 @@ class Trainer:
         # A reward that raises (e.g. a remote scorer timing out) is retried before the run fails.
         self.rewards = with_retries(build_rewards(names, config.reward.options), config.reward.retries,
                                     config.reward.retry_delay)
+        self.diversity_features, self.gardo_feature = self._diversity_features()
         if not any(p.requires_grad for p in self.policy.trainable_parameters()):
             raise ConfigError("the policy has no trainable parameters")
         o = config.optim
@@ -135,6 +137,27 @@ class Trainer:
         self.checkpoint_failures = 0  # checkpoints that could not be written (disk full...); retried at the next one
         self.last_checkpoint: int | None = None  # iteration of the newest checkpoint on disk
         self.signals = StopSignals(lambda: f"finishing iteration {self.iteration + 1}, then checkpointing")
+
+    def _diversity_features(self) -> tuple[dict[str, DiversityFeature], DiversityFeature | None]:
+        """The evaluation's diversity features and GARDO's (``method.diversity_weight: gardo``): the
+        named one, else the first automatic one of the trained rewards, then of all, then the world's."""
+        c = self.config
+        try:
+            features = resolve_features(c.eval.diversity_features, self.rewards, c.model.family)
+            if c.method.diversity_weight == "none":
+                return features, None
+            if c.method.diversity_feature is not None:
+                found = resolve_features([c.method.diversity_feature], self.rewards, c.model.family,
+                                         option="method.diversity_feature")
+            else:
+                trained = {n: self.rewards[n] for n in c.reward.weights}
+                found = resolve_features(None, trained, c.model.family) or resolve_features(None, self.rewards, c.model.family)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if not found:
+            raise ConfigError("method.diversity_weight=gardo needs image features: load a CLIP-based reward (clipscore, "
+                              "pickscore, hpsv2.1, aesthetic) or set method.diversity_feature to a registered feature")
+        return features, next(iter(found.values()))
 
     def _stop_requested(self) -> bool:
         """Whether a SIGINT / SIGTERM asked this run to stop (checked between iterations). A request
@@ -239,10 +262,14 @@ class Trainer:
         scores = score_images(images, leaf_prompts, {n: self.rewards[n] for n in c.reward.weights}, c.train.max_batch)
         finite = torch.stack([torch.isfinite(s) for s in scores.values()]).all(dim=0)
         rule = self.method.advantage_rule
+        nn_distance = None
+        if self.gardo_feature is not None:  # GARDO: each leaf's distance to its nearest neighbour in its group
+            nn_distance = group_nearest_neighbour(self.gardo_feature(images, leaf_prompts), tree.leaf_prompt,
+                                                  self.gardo_feature.metric, finite)
         edge_adv = tree_advantages(tree, scores, weights=c.reward.weights, rule=rule.backup,  # type: ignore[arg-type]
                                    temperature=rule.temperature, per_depth=rule.per_depth, unbiased=rule.unbiased,
                                    global_std=rule.global_std, mask=finite,
-                                   sum_over_ranks=lambda t: all_sum(self.accelerator, t))
+                                   sum_over_ranks=lambda t: all_sum(self.accelerator, t), diversity=nn_distance)
         batch = trained_edges(tree, edge_adv)
         if self.is_main:  # the main rank owns the iteration's first prompt
             self.tree_record = record_tree(tree, edge_adv, images, scores, prompts, self.iteration + 1,
@@ -255,6 +282,9 @@ class Trainer:
             "train/advantage_abs_mean": float(batch.advantage.abs().mean()),
         }
         weights = {"train/advantage_abs_mean": float(batch.num_edges)}  # how ranks' means combine
+        if nn_distance is not None:
+            record["train/diversity_nn"] = float(nn_distance[finite].mean()) if finite.any() else float("nan")
+            weights["train/diversity_nn"] = n_finite
         weighted = sum(c.reward.weights[n] * torch.nan_to_num(s) for n, s in scores.items())
         record["train/reward_mean"] = float(weighted[finite].mean()) if finite.any() else float("nan")
         weights["train/reward_mean"] = n_finite
@@ -371,7 +401,8 @@ class Trainer:
         eval_rewards = {n: self.rewards[n] for n in c.reward.eval}
         local, real = padded_shard(self.eval_prompts, self.rank, self.world)
         per_image, images = evaluate_per_image(self.policy, local, self.eval_seeds, eval_rewards, self.num_steps,
-                                               c.train.max_batch, shapes_accuracy=c.model.family == "shapes")
+                                               c.train.max_batch, shapes_accuracy=c.model.family == "shapes",
+                                               diversity=self.diversity_features)
         num_seeds = len(self.eval_seeds)
         per_image = {k: v[:real * num_seeds] for k, v in per_image.items()}
         # The grid: the same prompts (rows) and held-out seeds (columns) every time, taken from the
@@ -396,7 +427,21 @@ class Trainer:
                 from PIL import Image
 
                 save_image(side_by_side(Image.open(start).convert("RGB"), grid), self.out / "samples" / "start_vs_latest.png")
+        self._diversity_grid(tag)
         return metrics
+
+    def _diversity_grid(self, tag: str) -> None:
+        """samples/diversity/TAG.png: eval.diversity_grid_prompts of the grid's prompts (rows) x
+        eval.diversity_grid_seeds held-out seeds (columns). Every rank samples the same few images
+        (sharded models' forwards are collective); the main process writes them."""
+        e = self.config.eval
+        rows = [self.eval_prompts[i] for i in self.grid_rows[:e.diversity_grid_prompts]]
+        if not rows:
+            return
+        seeds = [e.seed_offset + i for i in range(e.diversity_grid_seeds)]
+        images = ode_sample(self.policy, rows, seeds, self.num_steps, self.config.train.max_batch)
+        if self.is_main:
+            save_image(image_grid(images, len(rows), len(seeds)), self.out / "samples" / "diversity" / f"{tag}.png")
 
     def _log(self, record: dict[str, Any]) -> None:
         self.logger.log(record)
