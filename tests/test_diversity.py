@@ -177,6 +177,14 @@ def test_a_tiny_run_logs_diversity_and_trains_with_gardo(tmp_path):
     assert "eval/diversity/layout" in records[0] and records[1]["train/diversity_nn"] > 0
     for tag in ("start", "iter_000001"):
         assert (tmp_path / "run" / "samples" / "diversity" / f"{tag}.png").is_file()
+    from treegrpo.report import write_run_report
+
+    html = write_run_report(tmp_path / "run").read_text()
+    curves = html.split('id="diversity-curves">', 1)[1].split("</div>", 1)[0]
+    assert "<svg" in curves and "layout" in curves and "lgmd" in curves
+    grids = html.split('id="diversity-grids">', 1)[1]
+    assert "a red circle on a black background" in grids and "base" in grids and "iteration 1" in grids
+    assert "1000000, 1000001, 1000002" in grids
     with pytest.raises(ConfigError, match="method.diversity_feature: 'nope'"):
         Trainer(load_config(None, [*overrides, "method.diversity_feature=nope"]), tmp_path / "run2")
     with pytest.raises(ConfigError, match="must be none or gardo"):

@@ -441,7 +441,13 @@ class Trainer:
         seeds = [e.seed_offset + i for i in range(e.diversity_grid_seeds)]
         images = ode_sample(self.policy, rows, seeds, self.num_steps, self.config.train.max_batch)
         if self.is_main:
-            save_image(image_grid(images, len(rows), len(seeds)), self.out / "samples" / "diversity" / f"{tag}.png")
+            folder = self.out / "samples" / "diversity"
+            save_image(image_grid(images, len(rows), len(seeds)), folder / f"{tag}.png")
+            index = {"prompts": rows, "seeds": seeds, "grids": {tag: self.iteration}}
+            if (folder / "index.json").is_file():
+                old = json.loads((folder / "index.json").read_text())
+                index["grids"] = {**old.get("grids", {}), tag: self.iteration}
+            (folder / "index.json").write_text(json.dumps(index, indent=1) + "\n")
 
     def _log(self, record: dict[str, Any]) -> None:
         self.logger.log(record)
