@@ -114,3 +114,23 @@ def test_bad_lr_sweep_and_eval_cadence_are_refused(tmp_path, capsys):
     assert "--lr-sweep" in capsys.readouterr().err
     assert main(["bench", *TINY, "--methods", "treegrpo", "--eval-every", "0", "--out", str(tmp_path), "--quiet"]) != 0
     assert "--eval-every" in capsys.readouterr().err
+
+
+def test_the_table_shows_each_methods_diversity_next_to_its_accuracy(tmp_path):
+    from treegrpo.bench import format_table
+
+    runs = {}
+    for name, finals in (("a", (0.10, 0.20)), ("b", (0.05, 0.07))):
+        for seed, final in enumerate(finals):
+            run = tmp_path / f"{name}-seed{seed}"
+            run.mkdir()
+            rows = [{"iteration": 0, "wall_seconds": 0.0, "eval/reward/shapes": 0.5, "eval/diversity/layout": 0.3},
+                    {"iteration": 1, "wall_seconds": 2.0, "model_calls/rollout": 10, "model_calls/train": 5,
+                     "eval/reward/shapes": 0.6, "eval/diversity/layout": final}]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            runs.setdefault(name, []).append(run)
+    results = summarise(runs)
+    assert results["methods"]["a"]["diversity"]["diversity/layout"] == {"base": pytest.approx(0.3), "final": pytest.approx(0.15)}
+    table = format_table(results)
+    assert "| layout div |" in table
+    assert "| 0.150 (0.300) |" in table.splitlines()[4] and "| 0.060 (0.300) |" in table.splitlines()[5]

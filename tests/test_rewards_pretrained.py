@@ -158,6 +158,17 @@ def test_clipscore_is_the_raw_cosine_of_clip_image_and_text_features(clip_dir):
     assert torch.allclose(reward(images[[3, 1]], [PROMPTS[3], PROMPTS[1]]), scores[[3, 1]], atol=1e-5)
 
 
+def test_clip_rewards_expose_image_features_for_diversity(clip_dir):
+    from treegrpo.diversity import resolve_features
+
+    reward = build_reward("clipscore", model=str(clip_dir), device="cpu")
+    images = (random_images(4, 40, 40, seed=5) * 255).round() / 255
+    image, _, _ = reference_features(clip_dir, images, PROMPTS[:4], pixel_values=reward.scorer.transform(images))
+    torch.testing.assert_close(reward.image_features(images), image, atol=1e-5, rtol=0)
+    feature = resolve_features(None, {"clipscore": reward}, "sd3")["cosine_clipscore"]
+    torch.testing.assert_close(feature(images, PROMPTS[:4]), image, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["clipscore", "pickscore"])
 def test_batching_in_chunks_equals_one_batch(clip_dir, name):
     images = random_images(5, 40, 40, seed=3)

@@ -11,6 +11,8 @@
    noise term V(u) * sum_c grad log pi(c | u) is gone). Single-child links keep V(c).
 5. `normalize_per_depth`: BranchGRPO's rule, each level standardised within its prompt group.
 
+`diversity_weighted_advantages` (GARDO, ``method.diversity_weight: gardo``) replaces step 2.
+
 Groups with (numerically) zero spread get zero advantages, never NaN.
 """
 
@@ -211,7 +213,8 @@ def tree_advantages(tree: Tree, rewards: Mapping[str, torch.Tensor], *, weights:
                     unbiased: bool = False, global_std: bool = False, std_floor: float = 0.0,
                     edge_baseline: EdgeBaseline = "none", mask: torch.Tensor | None = None,
                     sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    probe_rewards: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+                    probe_rewards: Mapping[str, torch.Tensor] | None = None,
+                    diversity: torch.Tensor | None = None) -> list[torch.Tensor | None]:
     """The whole chain: rewards per leaf ({name: [L]}) -> per-level edge advantages.
 
     std_floor: see `normalize_by_group` (leaf normalisation only); edge_baseline "parent": see
@@ -220,12 +223,17 @@ def tree_advantages(tree: Tree, rewards: Mapping[str, torch.Tensor], *, weights:
     probe_rewards: {name: [N_prune_level]} probe scores of a pruned tree's prune level; given, the
     pruned nodes' probe rewards join the leaf rewards of their prompt in the normalisation and
     stand in for their missing subtrees in the backup (`prune_value: probe`); else pruned subtrees
-    are dropped from the backup."""
+    are dropped from the backup.
+    diversity: [L] each leaf's nearest-neighbour distance in its group; given, GARDO's
+    `diversity_weighted_advantages` replaces leaf normalisation."""
     if edge_baseline not in ("none", "parent"):
         raise ValueError(f"edge_baseline must be 'none' or 'parent', got {edge_baseline!r}")
     if edge_baseline == "parent" and probe_rewards is not None:
         raise ValueError("edge_baseline 'parent' centres on the leaves below a node; it does not know probe values "
                          "of pruned nodes (use prune_value 'drop')")
+    if diversity is not None and probe_rewards is not None:
+        raise ValueError("GARDO's diversity weights are defined on leaves; pruned nodes' probe values have no "
+                         "image features (use prune_value 'drop')")
     group = tree.leaf_prompt
     num_leaves = group.shape[0]
     mask = torch.ones(num_leaves, dtype=torch.bool) if mask is None and probe_rewards else mask
@@ -238,8 +246,11 @@ def tree_advantages(tree: Tree, rewards: Mapping[str, torch.Tensor], *, weights:
         finite = torch.stack([torch.isfinite(r[num_leaves:]) for r in rewards.values()]).all(dim=0)
         mask = torch.cat([mask, finite])
     combined = combine_rewards(rewards, weights, group, mask=mask)
-    terminal = normalize_by_group(combined, group, unbiased=unbiased, global_std=global_std, std_floor=std_floor,
-                                  mask=mask, sum_over_ranks=sum_over_ranks)
+    if diversity is not None:
+        terminal = diversity_weighted_advantages(combined, group, diversity, mask=mask)
+    else:
+        terminal = normalize_by_group(combined, group, unbiased=unbiased, global_std=global_std, std_floor=std_floor,
+                                      mask=mask, sum_over_ranks=sum_over_ranks)
     leaf, leaf_mask = terminal[:num_leaves], None if mask is None else mask[:num_leaves]
     probe_adv = probe_mask = None
     if probe_rows is not None:
@@ -251,3 +262,40 @@ def tree_advantages(tree: Tree, rewards: Mapping[str, torch.Tensor], *, weights:
     if edge_baseline == "parent":
         edges = parent_baseline(tree, edges, leaf_mask=leaf_mask, rule=rule, temperature=temperature)
     return normalize_per_depth(tree, edges, unbiased=unbiased) if per_depth else edges
+
+
+def diversity_weighted_advantages(values: torch.Tensor, group: torch.Tensor, distance: torch.Tensor,
+                                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """GARDO's diversity-weighted leaf advantages (SPEC.md section 8): ``A_i = (r_i - mu) * w_i``,
+    no division by the std, with ``w_i = d_i / mean(d)`` where ``r_i >= mu`` and 1 elsewhere: a
+    better-than-average sample far from its group's others is pushed harder, a near-duplicate less.
+
+    values: [L] rewards; group: [L] long; distance: [L] d_i >= 0, each leaf's distance to its
+    nearest neighbour in its group (`treegrpo.diversity.group_nearest_neighbour`); mask: [L] bool,
+    leaves to use (others get 0 and stay out of mu and mean(d)). Means in float64; a group whose
+    mean distance is 0 (all leaves alike) gets w = 1, a group with no spread gets 0. Returns float32 [L].
+    """
+    if distance.shape != values.shape or group.shape != values.shape:
+        raise ValueError(f"values, group and distance must all be [L], got {tuple(values.shape)}, "
+                         f"{tuple(group.shape)}, {tuple(distance.shape)}")
+    keep = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
+    v = torch.where(keep, values.double(), torch.zeros_like(values, dtype=torch.float64))
+    d = torch.where(keep, distance.double(), torch.zeros_like(v))
+    g = torch.where(keep, group, torch.zeros_like(group))
+    num_groups = int(group.max()) + 1 if group.numel() else 0
+    weight = keep.double()
+
+    def group_mean(x: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, g, x * weight)
+        count = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, g, weight)
+        return total / count.clamp(min=1)
+
+    mean = group_mean(v)
+    centred = v - mean[g]
+    std = torch.sqrt(group_mean(centred**2))
+    scale = torch.zeros(num_groups, dtype=torch.float64).scatter_reduce(0, g, v.abs() * weight, "amax")
+    flat = std <= ZERO_SPREAD * scale.clamp(min=1.0)
+    mean_d = group_mean(d)[g]
+    w = torch.where((centred >= 0) & (mean_d > 0), d / mean_d.clamp(min=1e-300), torch.ones_like(d))
+    adv = torch.where(flat[g] | ~keep, torch.zeros_like(v), centred * w)
+    return adv.float()

@@ -33,6 +33,7 @@ from treegrpo.config import ConfigError, load_config
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_METHODS = ("treegrpo", "dance_grpo", "flow_grpo", "mix_grpo", "branch_grpo")
 METRIC = "eval/reward/shapes"
+DIVERSITY = "eval/diversity/"  # held-out diversity across seeds (treegrpo.diversity), shown next to accuracy
 
 
 @dataclass
@@ -81,7 +82,8 @@ def _curve(run: Path) -> list[dict[str, float]]:
         if METRIC in r:
             points.append({"iteration": r["iteration"], "seconds": r["wall_seconds"],
                            "calls": r.get("model_calls/total", 0.0), "reward": r[METRIC],
-                           "shape_acc": r.get("eval/acc/shape", math.nan)})
+                           "shape_acc": r.get("eval/acc/shape", math.nan),
+                           **{k[len("eval/"):]: v for k, v in r.items() if k.startswith(DIVERSITY)}})
     return points
 
 
@@ -161,6 +163,9 @@ def _summarise_line(dirs: list[Path]) -> dict[str, Any]:
         "auc_ci95": auc_ci,
         "final_shape_acc": statistics.mean(c[-1]["shape_acc"] for c in curves),
         "iterations": statistics.mean(c[-1]["iteration"] for c in curves),
+        "diversity": {k: {"base": statistics.mean(c[0].get(k, math.nan) for c in curves),
+                          "final": statistics.mean(c[-1].get(k, math.nan) for c in curves)}
+                      for k in dict.fromkeys(k for c in curves for k in c[-1] if k.startswith("diversity/"))},
         "curves": curves,
     }
 
@@ -202,11 +207,14 @@ def summarise(runs: dict[str, list[Path]], sweeps: dict[str, dict[str, list[Path
 def format_table(results: dict[str, Any]) -> str:
     methods = results["methods"]
     names = list(methods)
+    div_keys = list(dict.fromkeys(k for m in methods.values() for k in m.get("diversity", {})))
     lines = [f"Held-out metric: `{results['metric']}` (ODE samples, all prompts x held-out seeds); mean +- 95% "
-             "t-interval over seeds; area = mean held-out reward over the run's training seconds (trapezoids).", "",
+             "t-interval over seeds; area = mean held-out reward over the run's training seconds (trapezoids)."
+             + (" Diversity across held-out seeds: final (base)." if div_keys else ""), "",
              "| method | lr | s / iteration | model calls / iteration | iterations | base | final | area | peak - final | shape acc | "
+             + "".join(f"{k.split('/', 1)[1]} div | " for k in div_keys)
              + " | ".join(f"s to reach {n}" for n in names) + " |",
-             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(names)]
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(div_keys) + len(names))]
     for name, m in methods.items():
         reach = []
         for rival in names:
@@ -221,7 +229,8 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {lr} | {m['seconds_per_iteration']:.2f} | {m['model_calls_per_iteration']:.0f} | "
                      f"{m['iterations']:.0f} | {m['base_reward']:.3f} | {m['final_reward']:.3f} +- {ci:.3f} | "
                      f"{m.get('auc', math.nan):.3f} +- {m.get('auc_ci95', 0.0):.3f} | {m.get('peak_drop', math.nan):.3f} | "
-                     f"{m['final_shape_acc']:.3f} | " + " | ".join(reach) + " |")
+                     f"{m['final_shape_acc']:.3f} | " + "".join(_diversity_cell(m, k) for k in div_keys)
+                     + " | ".join(reach) + " |")
     sweeps = {n: m["lr_sweep"] for n, m in methods.items() if "lr_sweep" in m}
     if sweeps:
         lines += ["", "Learning-rate sweep (each method reported at its lr with the highest mean area):", "",
@@ -231,6 +240,11 @@ def format_table(results: dict[str, Any]) -> str:
                 lines.append(f"| {name} | {lr} | {m['final_reward']:.3f} +- {m['final_reward_ci95']:.3f} | "
                              f"{m['auc']:.3f} +- {m['auc_ci95']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def _diversity_cell(method: dict[str, Any], key: str) -> str:
+    d = method.get("diversity", {}).get(key)
+    return "- | " if d is None else f"{d['final']:.3f} ({d['base']:.3f}) | "
 
 
 def plot(results: dict[str, Any], out: Path) -> list[Path]:

@@ -88,6 +88,10 @@ class MethodConfig:
     global_std: bool = False  # one std over every reward of the batch (all prompts), mean still per prompt (Flow-GRPO's shipped configs)
     std_floor: float = 0.0  # leaf advantage = (r - mean) / max(std, std_floor), reward units: near-identical leaves get small advantages, not unit ones
     edge_baseline: str = "none"  # none: edge u->c trained with V(c) (the paper); parent: V(c) - V(u) at branching steps (sibling-centred, SPEC.md 8)
+    # diversity guard: "gardo" weights positive leaf advantages by the leaf's nearest-neighbour distance
+    # in its prompt group over the group's mean (no std division; SPEC.md section 8); "none" = off
+    diversity_weight: str = "none"
+    diversity_feature: str | None = None  # its feature (see eval.diversity_features); None = the first automatic one
 
 
 @dataclass
@@ -146,6 +150,12 @@ class EvalConfig:
     num_seeds: int = 4  # held-out seeds per prompt
     seed_offset: int = 1_000_000  # held-out seeds start here (training never uses them)
     grid_prompts: int = 18  # prompts shown in the sample grids
+    # diversity across seeds (eval/diversity/...): lgmd and pixel always; plus these image features:
+    # reward names with image features (CLIP-based) or registered world features (treegrpo.diversity);
+    # None = every loaded CLIP-based reward and the model family's world feature; [] = none
+    diversity_features: list[str] | None = None
+    diversity_grid_prompts: int = 4  # prompts of the diversity grid (samples/diversity/), 0 = no grid
+    diversity_grid_seeds: int = 8  # held-out seeds per prompt in that grid
 
 
 @dataclass
@@ -329,6 +339,9 @@ def validate(config: Config) -> None:
         (m.ddim_eta > 0, f"method.ddim_eta must be > 0 (SDE steps need noise), got {m.ddim_eta}"),
         (m.backup in ("mean", "softmax"), f"method.backup must be mean or softmax, got {m.backup!r}"),
         (m.softmax_temperature > 0, f"method.softmax_temperature must be > 0, got {m.softmax_temperature}"),
+        (m.diversity_weight in ("none", "gardo"), f"method.diversity_weight must be none or gardo, got {m.diversity_weight!r}"),
+        (e.diversity_grid_prompts >= 0, f"eval.diversity_grid_prompts must be >= 0, got {e.diversity_grid_prompts}"),
+        (e.diversity_grid_seeds >= 2, f"eval.diversity_grid_seeds must be >= 2, got {e.diversity_grid_seeds}"),
         (bool(config.reward.weights), "reward.weights must name at least one reward"),
         (any(w != 0 for w in config.reward.weights.values()), "reward.weights must not all be 0"),
         (config.reward.retries >= 0, f"reward.retries must be >= 0, got {config.reward.retries}"),

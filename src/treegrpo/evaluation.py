@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from PIL import Image
@@ -17,6 +17,9 @@ from treegrpo.policies.base import Policy
 from treegrpo.rewards.base import Reward
 from treegrpo.rollout import rollout
 from treegrpo.tree import TreeShape
+
+if TYPE_CHECKING:
+    from treegrpo.diversity import DiversityFeature
 
 
 def seeded_noise(seeds: list[int], latent_shape: tuple[int, ...]) -> torch.Tensor:
@@ -29,12 +32,19 @@ def ode_sample(policy: Policy, prompts: list[str], seeds: list[int], num_steps: 
                progress: bool = False, desc: str = "sample") -> torch.Tensor:
     """Deterministic (ODE / eta = 0) samples for every (prompt, seed): [P * S, 3, H, W] in [0, 1],
     prompt-major (index p * S + s). progress: a bar over model calls, titled `desc`, on a terminal."""
+    return decode_chunked(policy, ode_latents(policy, prompts, seeds, num_steps, max_batch, progress, desc), max_batch)
+
+
+@torch.no_grad()
+def ode_latents(policy: Policy, prompts: list[str], seeds: list[int], num_steps: int, max_batch: int = 512,
+                progress: bool = False, desc: str = "sample") -> torch.Tensor:
+    """`ode_sample`'s final latents before decoding: [P * S, *latent_shape], prompt-major."""
     noise = seeded_noise(seeds, policy.latent_shape)
     roots = noise.repeat(len(prompts), *([1] * (noise.ndim - 1)))  # prompt-major: each prompt gets all seeds
     chain = TreeShape((1,) * num_steps, (False,) * num_steps, (False,) * num_steps, roots_per_prompt=len(seeds))
     tree = rollout(policy, prompts, chain, num_steps=num_steps, max_batch=max_batch, root_latents=roots, progress=progress,
                    desc=desc)
-    return decode_chunked(policy, tree.leaves, max_batch)
+    return tree.leaves
 
 
 @torch.no_grad()
@@ -70,13 +80,21 @@ def evaluate(policy: Policy, prompts: list[str], seeds: list[int], rewards: Mapp
 @torch.no_grad()
 def evaluate_per_image(policy: Policy, prompts: list[str], seeds: list[int], rewards: Mapping[str, Reward],
                        num_steps: int, max_batch: int = 512, accuracy: str | None = None,
-                       progress: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                       progress: bool = False, diversity: Mapping[str, "DiversityFeature"] | None = None
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-image scores {``reward/NAME`` or ``acc/NAME``: [P * S] float32} (prompt-major) and the
-    images; `summarize_eval` turns them into `evaluate`'s metrics (ranks concatenate theirs first)."""
-    images = ode_sample(policy, prompts, seeds, num_steps, max_batch, progress=progress, desc="eval")
+    images; `summarize_eval` turns them into `evaluate`'s metrics (ranks concatenate theirs first).
+    diversity: also ``diversity/lgmd``, ``diversity/pixel`` and ``diversity/FEATURE`` per feature
+    (`treegrpo.diversity.per_image_diversity`; needs >= 2 seeds, else left out)."""
+    latents = ode_latents(policy, prompts, seeds, num_steps, max_batch, progress=progress, desc="eval")
+    images = decode_chunked(policy, latents, max_batch)
     per_image_prompts = [p for p in prompts for _ in seeds]
     out = {f"reward/{k}": v for k, v in score_images(images, per_image_prompts, rewards, max_batch).items()}
     out.update(world_accuracy(images, per_image_prompts, accuracy))
+    if diversity is not None and len(seeds) >= 2:
+        from treegrpo.diversity import per_image_diversity
+
+        out.update(per_image_diversity(images, latents.float().cpu(), per_image_prompts, len(seeds), diversity))
     return out, images
 
 
@@ -127,7 +145,7 @@ def summarize_eval(per_image: Mapping[str, torch.Tensor], spread: bool = False) 
     else:
         metrics = {f"reward/{k}": float(v.mean()) for k, v in rewards.items()}
     for key, hits in per_image.items():
-        if key.startswith("acc/"):
+        if key.startswith(("acc/", "diversity/")):
             hits = hits.float()
             hits = hits[~torch.isnan(hits)]
             metrics[key] = float(hits.mean()) if hits.numel() else float("nan")

@@ -5,6 +5,7 @@ A run page (RUN_DIR/report.html) shows, from the files a run leaves behind:
 - diagnostics per iteration: approx KL, clip fraction, ratio range, advantage spread, model calls,
   loss and KL to the base model, gradient norm;
 - the held-out sample grids (same prompts and seeds each time): base, then checkpoints over time;
+- diversity across seeds (``eval/diversity/...``) over iterations, and a few prompts x 8 seeds, base vs latest;
 - the tree (`treegrpo.tree_svg`) of the recorded iterations, with a selector;
 - the resolved config.
 A benchmark page (BENCH_DIR/report.html) shows held-out reward vs wall-clock and vs model calls per
@@ -236,6 +237,54 @@ def grids_html(run: Path, records: list[dict[str, Any]], max_grids: int = 6) -> 
             + "".join(parts))
 
 
+def diversity_svg(records: list[dict[str, Any]]) -> str:
+    """One panel per held-out diversity metric (``eval/diversity/KEY``) over iterations."""
+    keys = list(dict.fromkeys(k for r in records for k in r if k.startswith("eval/diversity/")))
+    if not keys:
+        return "<p class='note'>no diversity metrics logged (needs eval.num_seeds >= 2)</p>"
+    cols = min(4, len(keys))
+    rows = math.ceil(len(keys) / cols)
+
+    def draw(axes: Any) -> None:
+        for i, ax in enumerate(axes.flat):
+            if i >= len(keys):
+                ax.axis("off")
+                continue
+            x, y = _series(records, keys[i])
+            ax.plot(x, y, color="C2", marker="o", ms=4)
+            ax.set_title(keys[i][len("eval/diversity/"):], fontsize=10)
+            ax.set_xlabel("iteration")
+            ax.grid(alpha=0.3)
+
+    return figure_svg(draw, rows, cols, (3.3 * cols, 2.6 * rows))
+
+
+def diversity_grids_html(run: Path) -> str:
+    """The diversity grid (a few prompts x 8 held-out seeds) of the base model next to the latest one."""
+    folder = run / "samples" / "diversity"
+    index_path = folder / "index.json"
+    if not index_path.is_file():
+        return "<p class='note'>no diversity grids (eval.diversity_grid_prompts = 0?)</p>"
+    index = json.loads(index_path.read_text())
+    grids = sorted(((it, tag) for tag, it in index["grids"].items() if (folder / f"{tag}.png").is_file()))
+    if not grids:
+        return "<p class='note'>no diversity grids yet</p>"
+    shown = [grids[0]] + ([grids[-1]] if len(grids) > 1 else [])
+    first = Image.open(folder / f"{shown[0][1]}.png")
+    row_h = first.height / max(len(index["prompts"]), 1)
+    parts = ['<div class="grids"><div class="labels">'
+             + "".join(f'<div style="height:{row_h:.2f}px">{escape(p)}</div>' for p in index["prompts"]) + "</div>"]
+    for iteration, tag in shown:
+        image = Image.open(folder / f"{tag}.png").convert("RGB")
+        caption = "base" if iteration == 0 else f"iteration {iteration}"
+        parts.append(f'<div class="grid"><figure><figcaption>{caption}</figcaption>'
+                     f'<img src="{png_data_uri(image)}" width="{image.width}" height="{image.height}" alt="{caption}">'
+                     "</figure></div>")
+    parts.append("</div>")
+    return (f"<p class='note'>Each row: one prompt over held-out seeds {', '.join(map(str, index['seeds']))} (ODE, the "
+            "same noise in both grids). A model that collapses draws the same image across a row.</p>" + "".join(parts))
+
+
 def main_eval_key(records: list[dict[str, Any]]) -> str | None:
     """The held-out key of the trained reward (the first one with train/NAME_mean), else the first held-out reward."""
     keys = {k for r in records for k in r}
@@ -283,6 +332,8 @@ def write_run_report(run: str | Path, out: str | Path | None = None) -> Path:
             "<h2 id='rewards'>Rewards</h2>", f'<div class="plot" id="reward-curves">{reward_curves_svg(records)}</div>',
             "<h2 id='diagnostics'>Diagnostics</h2>", f'<div class="plot" id="diagnostics-plot">{diagnostics_svg(records)}</div>',
             "<h2 id='samples'>Held-out samples</h2>", f'<div id="sample-grids">{grids_html(run, records)}</div>',
+            "<h2 id='diversity'>Diversity across seeds</h2>", f'<div class="plot" id="diversity-curves">{diversity_svg(records)}</div>',
+            f'<div id="diversity-grids">{diversity_grids_html(run)}</div>',
             "<h2 id='tree'>The tree</h2>", f'<div id="trees">{trees_html(run)}</div>',
             "<h2 id='config'>Config</h2>", f'<pre id="config-yaml">{escape(config)}</pre>']
     path = Path(out) if out else run / "report.html"

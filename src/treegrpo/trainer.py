@@ -43,8 +43,10 @@ from treegrpo.config import Config, ConfigError, check_resume_config, save_confi
 from treegrpo.distributed import (accelerate_without_fsdp, all_sum, any_rank, check_divisible, fsdp_requested,
                                   full_model_state, full_optimizer_state, load_full_model_state,
                                   load_full_optimizer_state, max_over_ranks, padded_shard, reduce_metrics, shard_slice)
+from treegrpo.diversity import DiversityFeature, group_nearest_neighbour, resolve_features
 from treegrpo.ema import EMA
-from treegrpo.evaluation import (accuracy_kind, decode_chunked, evaluate_per_image, image_grid, save_image, score_images, side_by_side,
+from treegrpo.evaluation import (accuracy_kind, decode_chunked, evaluate_per_image, image_grid, ode_sample, save_image,
+                                 score_images, side_by_side,
                                  summarize_eval)
 from treegrpo.loss import kl_to_reference, policy_loss, step_weights
 from treegrpo.methods import Method
@@ -109,6 +111,7 @@ class Trainer:
         # A reward that raises (e.g. a remote scorer timing out) is retried before the run fails.
         self.rewards = with_retries(build_rewards(names, config.reward.options), config.reward.retries,
                                     config.reward.retry_delay)
+        self.diversity_features, self.gardo_feature = self._diversity_features()
         if not any(p.requires_grad for p in self.policy.trainable_parameters()):
             raise ConfigError("the policy has no trainable parameters")
         o = config.optim
@@ -167,6 +170,27 @@ class Trainer:
         self.checkpoint_failures = 0  # checkpoints that could not be written (disk full...); retried at the next one
         self.last_checkpoint: int | None = None  # iteration of the newest checkpoint on disk
         self.signals = StopSignals(lambda: f"finishing iteration {self.iteration + 1}, then checkpointing")
+
+    def _diversity_features(self) -> tuple[dict[str, DiversityFeature], DiversityFeature | None]:
+        """The evaluation's diversity features and GARDO's (``method.diversity_weight: gardo``): the
+        named one, else the first automatic one of the trained rewards, then of all, then the world's."""
+        c = self.config
+        try:
+            features = resolve_features(c.eval.diversity_features, self.rewards, c.model.family)
+            if c.method.diversity_weight == "none":
+                return features, None
+            if c.method.diversity_feature is not None:
+                found = resolve_features([c.method.diversity_feature], self.rewards, c.model.family,
+                                         option="method.diversity_feature")
+            else:
+                trained = {n: self.rewards[n] for n in c.reward.weights}
+                found = resolve_features(None, trained, c.model.family) or resolve_features(None, self.rewards, c.model.family)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if not found:
+            raise ConfigError("method.diversity_weight=gardo needs image features: load a CLIP-based reward (clipscore, "
+                              "pickscore, hpsv2.1, aesthetic) or set method.diversity_feature to a registered feature")
+        return features, next(iter(found.values()))
 
     def _stop_requested(self) -> bool:
         """Whether a SIGINT / SIGTERM asked this run to stop (checked between iterations). A request
@@ -302,12 +326,17 @@ class Trainer:
         scores = score_images(images, leaf_prompts, {n: self.rewards[n] for n in c.reward.weights}, c.train.max_batch)
         finite = torch.stack([torch.isfinite(s) for s in scores.values()]).all(dim=0)
         rule = self.method.advantage_rule
+        nn_distance = None
+        if self.gardo_feature is not None:  # GARDO: each leaf's distance to its nearest neighbour in its group
+            nn_distance = group_nearest_neighbour(self.gardo_feature(images, leaf_prompts), tree.leaf_prompt,
+                                                  self.gardo_feature.metric, finite)
         edge_adv = tree_advantages(tree, scores, weights=c.reward.weights, rule=rule.backup,  # type: ignore[arg-type]
                                    temperature=rule.temperature, per_depth=rule.per_depth, unbiased=rule.unbiased,
                                    global_std=rule.global_std, std_floor=rule.std_floor,
                                    edge_baseline=rule.edge_baseline, mask=finite,  # type: ignore[arg-type]
                                    sum_over_ranks=lambda t: all_sum(self.accelerator, t),
-                                   probe_rewards=probed.get("scores") if c.method.prune_value == "probe" else None)
+                                   probe_rewards=probed.get("scores") if c.method.prune_value == "probe" else None,
+                                   diversity=nn_distance)
         batch = self.method.select_trained(tree, trained_edges(tree, edge_adv), streams)
         if self.method.spread is not None:  # the adaptive window learns from every iteration
             self._observe_spread(tree, scores, finite)
@@ -331,6 +360,9 @@ class Trainer:
             weights["train/probe_reward_mean"] = float(torch.isfinite(value).sum())
             corr, n = probe_correlation(value[tree.kept], self._weighted(scores), tree.leaf_prompt)
             record["prune/probe_leaf_corr"], weights["prune/probe_leaf_corr"] = corr, n
+        if nn_distance is not None:
+            record["train/diversity_nn"] = float(nn_distance[finite].mean()) if finite.any() else float("nan")
+            weights["train/diversity_nn"] = n_finite
         weighted = self._weighted(scores)
         record["train/reward_mean"] = float(weighted[finite].mean()) if finite.any() else float("nan")
         weights["train/reward_mean"] = n_finite
@@ -485,7 +517,8 @@ class Trainer:
         local, real = padded_shard(self.eval_prompts, self.rank, self.world)
         with self._ema_weights():
             per_image, images = evaluate_per_image(self.policy, local, self.eval_seeds, eval_rewards, self.num_steps,
-                                                   c.train.max_batch, accuracy=self.accuracy)
+                                                   c.train.max_batch, accuracy=self.accuracy,
+                                                   diversity=self.diversity_features)
         num_seeds = len(self.eval_seeds)
         per_image = {k: v[:real * num_seeds] for k, v in per_image.items()}
         # The grid: the same prompts (rows) and held-out seeds (columns) every time, taken from the
@@ -510,11 +543,32 @@ class Trainer:
                 from PIL import Image
 
                 save_image(side_by_side(Image.open(start).convert("RGB"), grid), self.out / "samples" / "start_vs_latest.png")
+        self._diversity_grid(tag)
         return metrics
 
     def _ema_weights(self) -> contextlib.AbstractContextManager:
         """The model holds the EMA weights inside the block (when optim.ema_decay > 0), the raw ones after."""
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+    def _diversity_grid(self, tag: str) -> None:
+        """samples/diversity/TAG.png: eval.diversity_grid_prompts of the grid's prompts (rows) x
+        eval.diversity_grid_seeds held-out seeds (columns). Every rank samples the same few images
+        (sharded models' forwards are collective); the main process writes them."""
+        e = self.config.eval
+        rows = [self.eval_prompts[i] for i in self.grid_rows[:e.diversity_grid_prompts]]
+        if not rows:
+            return
+        seeds = [e.seed_offset + i for i in range(e.diversity_grid_seeds)]
+        with self._ema_weights():
+            images = ode_sample(self.policy, rows, seeds, self.num_steps, self.config.train.max_batch)
+        if self.is_main:
+            folder = self.out / "samples" / "diversity"
+            save_image(image_grid(images, len(rows), len(seeds)), folder / f"{tag}.png")
+            index = {"prompts": rows, "seeds": seeds, "grids": {tag: self.iteration}}
+            if (folder / "index.json").is_file():
+                old = json.loads((folder / "index.json").read_text())
+                index["grids"] = {**old.get("grids", {}), tag: self.iteration}
+            (folder / "index.json").write_text(json.dumps(index, indent=1) + "\n")
 
     def _log(self, record: dict[str, Any]) -> None:
         self.logger.log(record)

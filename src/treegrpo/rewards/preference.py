@@ -53,6 +53,10 @@ class ClipScore:
         check_batch("clipscore", images, prompts)
         return self.scorer.cosine(images, prompts).to(images.device)
 
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> [B, D] projected CLIP image embeddings (for diversity metrics)."""
+        return self.scorer.image_embeds(images)
+
 
 @register_reward("pickscore")
 class PickScore:
@@ -72,6 +76,10 @@ class PickScore:
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_batch("pickscore", images, prompts)
         return (self.scorer.logit_scale * self.scorer.cosine(images, prompts)).to(images.device)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> [B, D] projected CLIP image embeddings (for diversity metrics)."""
+        return self.scorer.image_embeds(images)
 
 
 @register_reward("hpsv2.1")
@@ -122,6 +130,10 @@ class HPSv21:
         check_batch("hpsv2.1", images, prompts)
         return self.scorer.cosine(images, prompts).to(images.device)
 
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> [B, D] projected CLIP image embeddings (for diversity metrics)."""
+        return self.scorer.image_embeds(images)
+
 
 class RegressionHead(nn.Module):
     """The linear MLP of the LAION improved aesthetic predictor (and ImageReward): no activations,
@@ -170,3 +182,7 @@ class Aesthetic:
         check_batch("aesthetic", images, prompts)
         embeds = torch.nn.functional.normalize(self.scorer.image_embeds(images), dim=-1)
         return self.head(embeds)[:, 0].float().to(images.device)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> [B, D] projected CLIP image embeddings (for diversity metrics)."""
+        return self.scorer.image_embeds(images)
