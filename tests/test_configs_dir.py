@@ -40,6 +40,12 @@ def test_bad_model_values_name_the_key(override, message):
         load_config(None, [override])
 
 
-def test_a_real_family_needs_a_pretrained_model():
+@pytest.mark.parametrize("family", ["flux", "sd15"])
+def test_a_real_family_needs_a_pretrained_model(family):
     with pytest.raises(ConfigError, match="needs model.pretrained"):
-        load_config(None, ["model.family=sd3"])
+        load_config(None, [f"model.family={family}"])
+
+
+def test_sd3_with_the_base_model_is_the_embedded_pipeline():
+    config = load_config(None, ["model.family=sd3"])  # "base" for sd3: the compositional world's pipeline
+    assert config.model.pretrained == "base"

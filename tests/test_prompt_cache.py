@@ -98,7 +98,8 @@ def test_a_training_run_encodes_each_distinct_prompt_once_and_matches_the_uncach
     cached_calls, cached = _shapes_run(tmp_path, "cached", cache=64)
     plain_calls, plain = _shapes_run(tmp_path, "plain", cache=0)
     assert cached_calls == [2, 2, 2]  # 3 distinct prompts, each once with the empty prompt (its CFG uncond)
-    assert len(plain_calls) == 3 + 4  # one call per iteration and per evaluation (start + 3) without it
+    # without it: one call per iteration, per evaluation (start + 3) and per diversity grid (one each evaluation)
+    assert len(plain_calls) == 3 + 4 + 4
     assert cached == plain  # the shapes text encoder gives the same bits alone as in a batch
 
 

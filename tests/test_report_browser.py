@@ -71,8 +71,10 @@ def test_the_page_holds_plots_grids_and_the_tree(report):
         assert view.count('class="leaf-thumb"') == record.num_leaves == 4  # k = 2, w = 2
     grids = json.loads((run / "samples" / "grids.json").read_text())["grids"]
     assert [g["iteration"] for g in grids] == [0, 1, 2]
-    grid_html = html[html.index('id="sample-grids"'):html.index('id="trees"')]
+    grid_html = html[html.index('id="sample-grids"'):html.index('id="diversity-curves"')]
     assert grid_html.count("<img ") == 3 and "base (" in grid_html
+    diversity_html = html[html.index('id="diversity-grids"'):html.index('id="trees"')]
+    assert diversity_html.count("<img ") == 2  # a few prompts x 8 seeds: base next to the latest
     assert "reward/shapes" in html or "shapes reward" in html
     assert not re.search(r"""(src|href)=["']https?:""", html)  # opens offline: no CDN, no external files
 

@@ -28,8 +28,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     family: str = "shapes"  # shapes (the 16x16 demo model), sd3, flux, sd15, or auto (from the pipeline's class)
-    # "base": the family's shipped base model (shapes: the 16x16 model; sd3 or auto: the compositional
-    # world's SD3 pipeline, also "compose"), a local folder, or a Hugging Face model id (cached)
+    # "base": the family's shipped base model (sd3: the compositional world's SD3 pipeline, also
+    # "compose"; shapes or auto: the 16x16 model), a local folder, or a Hugging Face model id (cached)
     pretrained: str = "base"
     num_steps: int = 10  # denoising steps T (NFE without CFG)
     guidance_scale: float | None = None  # CFG scale (FLUX: the distilled guidance embedding); None = the family's default

@@ -96,8 +96,8 @@ def embedded_pipeline_path() -> Path:
 def load_policy(source: Any = "base", family: str | None = None, **options: Any) -> Policy:
     """A `Policy` for `source`: a diffusers pipeline object, a local pipeline folder, a Hugging Face
     model id (cached), "base" (the family's shipped model: the compositional world's SD3 pipeline
-    for family None / auto / sd3, the 16x16 shapes model for family shapes), "compose" (the SD3
-    pipeline), "shapes" (the shapes model) or a saved shapes-model folder. A pipeline folder may hold `treegrpo.json` with default options
+    for family sd3, else the 16x16 shapes model, today's default), "compose" (the SD3 pipeline),
+    "shapes" (the shapes model) or a saved shapes-model folder. A pipeline folder may hold `treegrpo.json` with default options
     (the embedded model stores max_sequence_length 0, its guidance scale and resolution there);
     options given here, if not None, win.
 
@@ -112,7 +112,7 @@ def load_policy(source: Any = "base", family: str | None = None, **options: Any)
         from treegrpo.policies.analytic import GaussianPolicy
 
         return GaussianPolicy(**{k: v for k, v in options.items() if k in ("data_std", "latent_shape")})
-    if isinstance(source, str) and (source == "compose" or (source in ("base", "") and family in (None, "auto", "sd3"))):
+    if isinstance(source, str) and (source == "compose" or (source in ("base", "") and family == "sd3")):
         if family not in (None, "auto", "sd3"):
             raise ValueError(f"model.pretrained={source!r} is the embedded SD3 pipeline; family {family!r} needs a "
                              "model id or a pipeline folder")
