@@ -53,6 +53,9 @@ class PeakMemory:
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
         kb = _status_kb("VmHWM")
+        rss = _status_kb("VmRSS")
+        if kb is not None and rss is not None:
+            kb = max(kb, rss)  # the kernel updates VmHWM lazily (at unmaps); the current size is a sure lower bound
         if kb is not None:
             out["memory/peak_rss_mb"] = round(kb / 1024, 1)
             if self.reset_works and self.start_kb is not None:
