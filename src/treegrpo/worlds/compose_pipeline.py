@@ -217,8 +217,9 @@ def save_pipeline(pipe, out: Path, guidance_scale: float = 4.5) -> None:
         {"max_sequence_length": 0, "guidance_scale": guidance_scale, "resolution": 32}, indent=1) + "\n")
 
 
-# The shipped weights: the autoencoder, then the denoiser in stages of (steps, peak lr), each stage
-# on a freshly rendered and encoded data set with a fresh optimiser and cosine schedule.
+# The autoencoder, then the denoiser in stages of (steps, peak lr), each stage on a freshly rendered
+# and encoded data set with a fresh optimiser and cosine schedule. The shipped weights are these two
+# stages plus a third (`--init` with 3,000 steps, lr 3e-4, seed 2); README "Status" lists the commands.
 SHIPPED_VAE_STEPS = 1200
 SHIPPED_STAGES = ((2500, 1e-3), (3000, 5e-4))
 
