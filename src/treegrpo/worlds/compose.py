@@ -29,19 +29,11 @@ from functools import lru_cache
 
 import torch
 
+from treegrpo.worlds.shapes import COLOURS, SHAPES, SQUARE_HALF_SIDE  # the same palette and shapes as the shapes world
+
 IMAGE_SIZE = 32
 BACKGROUND = (0.5, 0.5, 0.5)
-COLOURS: dict[str, tuple[float, float, float]] = {
-    "red": (1.0, 0.0, 0.0),
-    "green": (0.0, 0.8, 0.0),
-    "blue": (0.0, 0.0, 1.0),
-    "yellow": (1.0, 1.0, 0.0),
-    "magenta": (1.0, 0.0, 1.0),
-    "cyan": (0.0, 1.0, 1.0),
-}
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 RADIUS_RANGE = (3.5, 5.5)  # pixels
-SQUARE_HALF_SIDE = 0.85  # as a fraction of the radius
 MIN_GAP = 2.0  # pixels between two objects' circumscribed circles
 RELATION_MARGIN = 6.0  # pixels between centres on the relation's axis, in rendered training scenes
 NUMBERS = {"two": 2, "three": 3, "four": 4}
