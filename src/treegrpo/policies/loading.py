@@ -1,7 +1,7 @@
 """`load_policy`: the right `Policy` for a diffusers pipeline object, a local folder, a cached
-Hugging Face model id, "base" (the embedded SD3 pipeline of the compositional world, a real
-`StableDiffusion3Pipeline` loaded by the same code as SD3.5) or "shapes" (the old 16x16 shapes
-model, kept for fast tests).
+Hugging Face model id, "base" (the family's shipped model: the 16x16 shapes model by default, the
+compositional world's SD3 pipeline for family sd3), "compose" (that SD3 pipeline, loaded by the
+same code as SD3.5) or "shapes".
 
 The family is read from the pipeline class (or `_class_name` in model_index.json); offline
 (HF_HUB_OFFLINE=1) a model id loads from the local cache only, and a missing one is one error that
