@@ -219,7 +219,8 @@ def save_pipeline(pipe, out: Path, guidance_scale: float = 4.5) -> None:
 
 # The autoencoder, then the denoiser in stages of (steps, peak lr), each stage on a freshly rendered
 # and encoded data set with a fresh optimiser and cosine schedule. The shipped weights are these two
-# stages plus a third (`--init` with 3,000 steps, lr 3e-4, seed 2); README "Status" lists the commands.
+# stages plus a third and a fourth (`--init` with 3,000 steps at lr 3e-4, seeds 2 and 3); README
+# "Status" lists the commands.
 SHIPPED_VAE_STEPS = 1200
 SHIPPED_STAGES = ((2500, 1e-3), (3000, 5e-4))
 
