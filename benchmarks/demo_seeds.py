@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/demo_seeds.py --seeds 0 1 2 [--out runs/demo_seeds] [extra section.key=value ...]
 
 Each seed is a full `treegrpo train` run (default config, `train.seed=S`); the table reads each run's
-summary.json (held-out ODE samples: 54 prompts x eval.num_seeds held-out seeds).
+summary.json (held-out ODE samples: the 300 held-out prompts x eval.num_seeds held-out seeds):
+strict accuracy overall (the mean of its templates) and per template, and the partial-credit reward.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-KEYS = ["acc/shape", "acc/color", "acc/background", "reward/shapes"]
+KEYS = ["acc/strict", "acc/strict/single", "acc/strict/two", "acc/strict/count", "acc/strict/position", "reward/compose"]
 
 
 def main() -> int:

@@ -28,6 +28,7 @@ from treegrpo.pruning import max_spread_subset, probe_correlation
 from treegrpo.rewards import build_rewards
 from treegrpo.rollout import rollout
 from treegrpo.tree import Tree, TreeShape
+from treegrpo.worlds.shapes import SHAPES_WORLD
 
 
 def pruned_copy(full: Tree, kept: torch.Tensor) -> Tree:
@@ -55,7 +56,7 @@ def main() -> None:
     ap.add_argument("--trees", type=int, default=1, help="trees per prompt")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    config = load_config(None, [])
+    config = load_config(None, SHAPES_WORLD)
     policy = build_policy(config.model)
     reward = build_rewards(["shapes"], {})["shapes"]
     prompts = load_prompts("all")

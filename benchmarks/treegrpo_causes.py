@@ -29,6 +29,7 @@ import torch
 
 from treegrpo.advantages import backup, normalize_by_group, parent_baseline
 from treegrpo.config import load_config
+from treegrpo.worlds.shapes import SHAPES_WORLD
 from treegrpo.evaluation import decode_chunked, score_images
 from treegrpo.loss import policy_loss, step_weights
 from treegrpo.rollout import rollout, transition
@@ -45,7 +46,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    config = load_config(None, [f"train.prompts_per_iteration={args.prompts}", "log.trackers=[]", "eval.num_seeds=1"])
+    config = load_config(None, [*SHAPES_WORLD, f"train.prompts_per_iteration={args.prompts}", "log.trackers=[]", "eval.num_seeds=1"])
     trainer = Trainer(config, tempfile.mkdtemp())
     gains = trainer.method.step_gains(trainer.schedule)
     T, w, k = config.model.num_steps, config.method.window, config.method.k

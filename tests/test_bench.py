@@ -7,8 +7,9 @@ import pytest
 from treegrpo.bench import area_under_curve, mean_ci95, parse_variant, run_bench, summarise, time_to_reach
 from treegrpo.cli import main
 from treegrpo.config import ConfigError
+from treegrpo.worlds.shapes import SHAPES_WORLD
 
-TINY = ["train.iterations=2", "train.prompts_per_iteration=1", "eval.every=1", "eval.num_seeds=1",
+TINY = [*SHAPES_WORLD, "train.iterations=2", "train.prompts_per_iteration=1", "eval.every=1", "eval.num_seeds=1",
         "eval.grid_prompts=2", "train.checkpoint_every=0", "method.group_size=3", "method.k=2", "method.window=2"]
 
 
@@ -86,6 +87,31 @@ def test_summary_uses_the_mean_over_seeds(tmp_path):
     assert m["final_reward_ci95"] == pytest.approx(12.706 * 0.1414 / 2**0.5, rel=1e-3)
     assert m["auc"] == pytest.approx(((0.5 + 0.7) / 2 + (0.5 + 0.9) / 2) / 2)
     assert m["seconds_per_iteration"] == 2.0 and m["model_calls_per_iteration"] == 15
+
+
+def _write_run(run, rows):
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_the_compositional_world_is_judged_on_strict_accuracy_and_worlds_do_not_mix(tmp_path):
+    def rows(strict, partial):
+        return [{"iteration": 0, "wall_seconds": 0.0, "model_calls/total": 0, "eval/acc/strict": 0.2,
+                 "eval/reward/compose": 0.7, "eval/reward/compose_strict": 0.1},
+                {"iteration": 1, "wall_seconds": 2.0, "model_calls/rollout": 10, "model_calls/train": 5,
+                 "model_calls/total": 15, "eval/acc/strict": strict, "eval/reward/compose": partial,
+                 "eval/reward/compose_strict": 0.9}]
+
+    runs = {"m": [_write_run(tmp_path / "m-seed0", rows(0.3, 0.8)), _write_run(tmp_path / "m-seed1", rows(0.5, 0.9))]}
+    results = summarise(runs)
+    m = results["methods"]["m"]
+    assert (results["metric"], results["second_metric"]) == ("eval/acc/strict", "eval/reward/compose")
+    assert m["final_reward"] == pytest.approx(0.4) and m["final_second"] == pytest.approx(0.85)
+    shapes = [{"iteration": 0, "wall_seconds": 0.0, "eval/reward/shapes": 0.5},
+              {"iteration": 1, "wall_seconds": 2.0, "model_calls/rollout": 1, "model_calls/train": 1, "eval/reward/shapes": 0.6}]
+    with pytest.raises(ValueError, match="different held-out metrics"):
+        summarise({**runs, "s": [_write_run(tmp_path / "s-seed0", shapes)]})
 
 
 def test_lr_sweep_reports_each_method_at_its_best_lr_with_the_usual_run_dirs(tmp_path):

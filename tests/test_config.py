@@ -7,7 +7,9 @@ from treegrpo.methods import Method
 def test_defaults_are_the_paper_tree():
     c = load_config()
     assert (c.method.name, c.method.k, c.method.window, c.method.window_r, c.model.num_steps) == ("treegrpo", 3, 3, 0.5, 10)
-    assert c.reward.weights == {"shapes": 1.0}
+    assert (c.model.family, c.model.pretrained) == ("auto", "base")  # the embedded SD3 pipeline
+    assert c.reward.weights == {"compose": 1.0} and c.reward.eval == ["compose", "compose_strict"]
+    assert (c.train.prompts, c.eval.prompts) == ("train", "heldout")  # RL never sees the held-out prompts
 
 
 def test_yaml_file_then_overrides(tmp_path):
@@ -75,13 +77,14 @@ def test_train_seeds_is_refused_but_an_old_runs_stored_config_still_loads(tmp_pa
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.resolution=64"], r"model.resolution=64 does nothing for model.family='shapes'"),
-    (["model.negative_prompt=blurry"], r"model.negative_prompt='blurry' does nothing for model.family='shapes'"),
-    (["model.mixed_precision=bf16"], r"model.mixed_precision='bf16' does nothing for model.family='shapes'"),
-    (["model.gradient_checkpointing=true"], r"model.gradient_checkpointing=True does nothing for model.family='shapes'"),
-    (["model.offload_text_encoders=true"], r"model.offload_text_encoders=True does nothing for model.family='shapes'"),
-    (["model.true_cfg_scale=2"], r"model.true_cfg_scale is FLUX's true CFG: it does nothing for model.family='shapes'"),
+    (["model.family=shapes", "model.resolution=64"], r"model.resolution=64 does nothing for model.family='shapes'"),
+    (["model.family=shapes", "model.negative_prompt=blurry"], r"model.negative_prompt='blurry' does nothing for model.family='shapes'"),
+    (["model.family=shapes", "model.mixed_precision=bf16"], r"model.mixed_precision='bf16' does nothing for model.family='shapes'"),
+    (["model.family=shapes", "model.gradient_checkpointing=true"], r"model.gradient_checkpointing=True does nothing for model.family='shapes'"),
+    (["model.family=shapes", "model.offload_text_encoders=true"], r"model.offload_text_encoders=True does nothing for model.family='shapes'"),
+    (["model.family=shapes", "model.true_cfg_scale=2"], r"model.true_cfg_scale is FLUX's true CFG: it does nothing for model.family='shapes'"),
     (["model.family=sd3", "model.pretrained=x", "model.true_cfg_scale=2"], r"true_cfg_scale.*nothing for model.family='sd3'"),
+    (["model.true_cfg_scale=2"], r"true_cfg_scale.*nothing for model.family='sd3'"),  # the default: the embedded SD3 pipeline
     (["model.family=sd15", "model.pretrained=x", "model.true_cfg_scale=2"], r"true_cfg_scale.*nothing for model.family='sd15'"),
     (["model.lora_alpha=16"], r"model.lora_alpha=16.0 does nothing without LoRA"),
     (["model.lora_targets=[to_q]"], r"model.lora_targets=\['to_q'\] does nothing without LoRA"),

@@ -231,11 +231,14 @@ def test_a_saved_pipeline_folder_loads_with_its_family_inferred(tmp_path):
     tiny_sd15().save_pretrained(tmp_path / "sd15")
     policy = treegrpo.load_policy(str(tmp_path / "sd15"), resolution=RESOLUTION)
     assert policy.family == "sd15" and policy.schedule(T).kind == "ddim"
+    from treegrpo.policies.sd3 import SD3Policy
     from treegrpo.worlds.shapes_model import ShapesPolicy
 
-    # the embedded shapes model is still one call away, also with family auto
-    assert isinstance(treegrpo.load_policy("base"), ShapesPolicy)
-    assert isinstance(treegrpo.load_policy("base", family="auto"), ShapesPolicy)
+    # "base" is the embedded SD3 pipeline, with family auto or sd3; the old shapes model is one name away
+    assert isinstance(treegrpo.load_policy("base"), SD3Policy)
+    assert isinstance(treegrpo.load_policy("base", family="auto"), SD3Policy)
+    assert isinstance(treegrpo.load_policy("base", family="shapes"), ShapesPolicy)
+    assert isinstance(treegrpo.load_policy("shapes"), ShapesPolicy)
 
 
 def test_bad_sources_give_one_clear_error(tmp_path, monkeypatch):

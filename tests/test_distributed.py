@@ -40,9 +40,11 @@ def _config(tmp: Path) -> Path:
     # max_batch 2: several chunks per minibatch, so gradients accumulate under no_sync first;
     # global_std: the one advantage statistic that crosses ranks.
     path.write_text(f"""
-model: {{num_steps: 4}}
+model: {{family: shapes, num_steps: 4}}
 method: {{k: 2, window: 2, global_std: true}}
-train: {{iterations: 2, prompts_per_iteration: 4, max_batch: 2, checkpoint_every: 1, keep_checkpoints: 5,
+reward: {{weights: {{shapes: 1.0}}, eval: [shapes, shape, color, background]}}
+optim: {{lr: 2.0e-4, kl_coef: 0.5}}  # the settings its tolerances were set with
+train: {{prompts: shapes, iterations: 2, prompts_per_iteration: 4, max_batch: 2, checkpoint_every: 1, keep_checkpoints: 5,
         progress: false}}
 eval: {{prompts: {tmp / 'eval.txt'}, num_seeds: 1, every: 0, grid_prompts: 3}}
 log: {{trackers: [], tree_every: 0}}
@@ -90,7 +92,7 @@ def test_two_processes_train_like_one_process_doing_all_prompts(two_procs):
     assert main(["train", str(config), "train.iterations=1", "--output-dir", str(tmp / "one"), "--quiet"]) == 0
     from treegrpo.policies import load_policy
 
-    base = {k: v.detach() for k, v in load_policy().unet.named_parameters()}
+    base = {k: v.detach() for k, v in load_policy("shapes").unet.named_parameters()}
     one, two = _weights(tmp / "one", 1), _weights(tmp / "two", 1)
     assert set(one) == set(two)
     diff = torch.cat([(one[k] - two[k]).flatten() for k in one])
@@ -165,7 +167,7 @@ def test_fsdp_on_two_cpu_processes_equals_ddp_and_resumes_its_sharded_optimiser_
     assert set(full["state"]) == set(names) and len(plain["state"]) == len(names)
     from treegrpo.policies import load_policy
 
-    order = [n for n, p in load_policy().unet.named_parameters() if p.requires_grad]
+    order = [n for n, p in load_policy("shapes").unet.named_parameters() if p.requires_grad]
     for index, name in enumerate(order):
         for moment in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(full["state"][name][moment], plain["state"][index][moment], rtol=1e-4,

@@ -15,6 +15,7 @@ from treegrpo.diversity import (DiversityFeature, available_features, cosine_div
 from treegrpo.tree import Tree, TreeShape
 from treegrpo.worlds.shapes import render_batch, parse_prompt
 from treegrpo.worlds.shapes_layout import shapes_layout
+from treegrpo.worlds.shapes import SHAPES_WORLD
 
 
 def test_cosine_diversity_closed_forms():
@@ -165,7 +166,7 @@ def test_a_tiny_run_logs_diversity_and_trains_with_gardo(tmp_path):
 
     prompts = tmp_path / "eval.txt"
     prompts.write_text("a red circle on a black background\na blue square on a white background\n")
-    overrides = ["train.iterations=1", "train.prompts_per_iteration=2", "eval.num_seeds=3", f"eval.prompts={prompts}",
+    overrides = [*SHAPES_WORLD, "train.iterations=1", "train.prompts_per_iteration=2", "eval.num_seeds=3", f"eval.prompts={prompts}",
                  "eval.grid_prompts=2", "eval.diversity_grid_prompts=2", "eval.diversity_grid_seeds=3", "method.k=2",
                  "method.window=2", "method.diversity_weight=gardo", "log.trackers=[]", "train.progress=false"]
     summary = Trainer(load_config(None, overrides), tmp_path / "run").train()

@@ -23,6 +23,7 @@ from treegrpo.policies.analytic import GaussianPolicy
 from treegrpo.rewards.base import _REGISTRY, register_reward
 from treegrpo.rewards.retry import RetryingReward, RewardError
 from treegrpo.trainer import Trainer
+from treegrpo.worlds.shapes import SHAPES_WORLD
 
 
 # ---------------------------------------------------------------- test rewards
@@ -178,14 +179,14 @@ def _cli_error(argv, capsys) -> str:
 
 
 def test_missing_or_unreadable_model_weights(tmp_path, capsys):
-    assert "no shapes-model checkpoint" in _cli_error(["train", f"model.pretrained={tmp_path / 'nope'}", "--quiet"], capsys)
+    assert "no shapes-model checkpoint" in _cli_error(["train", "model.family=shapes", f"model.pretrained={tmp_path / 'nope'}", "--quiet"], capsys)
     from treegrpo.worlds.shapes_model import DEFAULT_WEIGHTS
 
     truncated = tmp_path / "truncated"
     shutil.copytree(DEFAULT_WEIGHTS, truncated)
     weights = truncated / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    assert "cannot load the shapes model" in _cli_error(["train", f"model.pretrained={truncated}", "--quiet"], capsys)
+    assert "cannot load the shapes model" in _cli_error(["train", "model.family=shapes", f"model.pretrained={truncated}", "--quiet"], capsys)
 
 
 def test_model_weights_are_never_loaded_from_pickles(tmp_path, capsys):
@@ -348,7 +349,7 @@ def test_a_failed_final_checkpoint_is_an_error(tmp_path, monkeypatch):
 def test_a_failed_final_checkpoint_exits_1_from_the_cli(tmp_path, monkeypatch, capsys):
     _fail_writes(monkeypatch, {1})
     run = tmp_path / "run"
-    argv = ["train", "train.iterations=1", "train.prompts_per_iteration=1", "method.k=2", "method.window=2",
+    argv = ["train", *SHAPES_WORLD, "train.iterations=1", "train.prompts_per_iteration=1", "method.k=2", "method.window=2",
             "eval.num_seeds=1", "eval.grid_prompts=1", f"eval.prompts={_one_prompt(tmp_path)}", "log.trackers=[]",
             "--output-dir", str(run), "--quiet"]
     assert main(argv) == 1
@@ -464,7 +465,7 @@ def test_a_run_directory_with_a_different_config_is_refused_not_mixed(three):
 
 def test_resume_refuses_overrides_that_change_the_training(tmp_path, capsys):
     run = tmp_path / "run"
-    argv = ["train", "train.iterations=1", "train.prompts_per_iteration=1", "method.k=2", "method.window=2",
+    argv = ["train", *SHAPES_WORLD, "train.iterations=1", "train.prompts_per_iteration=1", "method.k=2", "method.window=2",
             "eval.num_seeds=1", "eval.grid_prompts=1", f"eval.prompts={_one_prompt(tmp_path)}", "log.trackers=[]",
             "--output-dir", str(run), "--quiet"]
     assert main(argv) == 0

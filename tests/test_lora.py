@@ -7,6 +7,7 @@ from treegrpo.cli import main
 from treegrpo.config import load_config
 from treegrpo.policies import build_policy, load_policy
 from treegrpo.policies.lora import BaseModelView
+from treegrpo.worlds.shapes import SHAPES_WORLD
 
 
 def _inputs(policy):
@@ -17,7 +18,7 @@ def _inputs(policy):
 
 
 def test_adapters_off_is_the_base_model_and_on_differs_after_a_change():
-    config = load_config(None, ["model.lora_rank=2"])
+    config = load_config(None, [*SHAPES_WORLD, "model.lora_rank=2"])
     policy, base = build_policy(config.model), load_policy("shapes")
     args = _inputs(policy)
     trainable = [p for p in policy.trainable_parameters() if p.requires_grad]
@@ -32,7 +33,7 @@ def test_adapters_off_is_the_base_model_and_on_differs_after_a_change():
 
 def test_a_lora_run_saves_only_adapters_and_reloads_them(tmp_path, capsys):
     out = tmp_path / "lora"
-    argv = ["train", "model.lora_rank=2", "optim.kl_coef=0.5", "train.iterations=1", "train.prompts_per_iteration=2",
+    argv = ["train", *SHAPES_WORLD, "model.lora_rank=2", "optim.kl_coef=0.5", "train.iterations=1", "train.prompts_per_iteration=2",
             "eval.num_seeds=1", "eval.grid_prompts=2", "method.k=2", "method.window=2", "optim.lr=1e-2",
             "--output-dir", str(out), "--quiet"]
     assert main(argv) == 0

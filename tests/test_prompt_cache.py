@@ -12,6 +12,7 @@ from tiny_pipelines import RESOLUTION, tiny_flux, tiny_sd3, tiny_sd15
 from treegrpo.config import load_config
 from treegrpo.policies.prompt_cache import PromptCache, enable_prompt_cache
 from treegrpo.trainer import Trainer
+from treegrpo.worlds.shapes import SHAPES_WORLD
 
 PROMPTS = ["a red cat", "a blue dog on the tree", "a photo of a house", "a red cat", "the sky"]
 
@@ -80,7 +81,7 @@ def _shapes_run(tmp_path, name: str, cache: int) -> tuple[list[int], list[dict]]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle on a black background\na blue square on a white background\n"
                        "a green triangle on a gray background\n")
-    config = load_config(None, [
+    config = load_config(None, [*SHAPES_WORLD,
         "train.iterations=3", "train.prompts_per_iteration=2", "method.k=2", "method.window=2", "eval.num_seeds=1",
         "eval.every=1", "eval.grid_prompts=2", f"eval.prompts={prompts}", f"train.prompts={prompts}",
         "train.checkpoint_every=0", "log.trackers=[]", "log.tree_every=0", "train.progress=false",

@@ -17,8 +17,9 @@ from PIL import Image
 
 from treegrpo.cli import main
 from treegrpo.tree_record import TreeRecord, list_records
+from treegrpo.worlds.shapes import SHAPES_WORLD
 
-TINY = ["train.iterations=2", "train.prompts_per_iteration=2", "eval.num_seeds=2", "eval.every=1",
+TINY = [*SHAPES_WORLD, "train.iterations=2", "train.prompts_per_iteration=2", "eval.num_seeds=2", "eval.every=1",
         "eval.grid_prompts=3", "train.checkpoint_every=0", "method.k=2", "method.window=2", "log.tree_every=1"]
 
 

@@ -19,13 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 from treegrpo.checkpoint import checkpoint_dirs, verify_checkpoint
+from treegrpo.worlds.shapes import SHAPES_WORLD
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "cli_child.py"
 
 
 def tiny(prompts: Path) -> list[str]:
-    return ["train.iterations=6", "train.prompts_per_iteration=2", "method.k=2", "method.window=2",
+    return [*SHAPES_WORLD, "train.iterations=6", "train.prompts_per_iteration=2", "method.k=2", "method.window=2",
             "eval.num_seeds=1", "eval.every=2", "eval.grid_prompts=2", f"eval.prompts={prompts}",
             "train.checkpoint_every=1", "log.trackers=[]", "log.tree_every=0",
             "reward.weights={test_gate: 1.0}", "reward.eval=[shapes]", "--quiet"]

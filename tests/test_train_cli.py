@@ -5,8 +5,9 @@ import json
 import pytest
 
 from treegrpo.cli import main
+from treegrpo.worlds.shapes import SHAPES_WORLD
 
-TINY = ["train.iterations=2", "train.prompts_per_iteration=2", "eval.num_seeds=1", "eval.every=1",
+TINY = [*SHAPES_WORLD, "train.iterations=2", "train.prompts_per_iteration=2", "eval.num_seeds=1", "eval.every=1",
         "eval.grid_prompts=3", "train.checkpoint_every=1", "method.k=2", "method.window=2"]
 
 

@@ -1,8 +1,8 @@
 """The `treegrpo` command: train, sample, eval, pretrain.
 
     treegrpo train [CONFIG.yaml] [section.key=value ...] [--output-dir DIR]
-    treegrpo sample --checkpoint {base|compose|RUN_DIR|PATH} [--prompts all|heldout|train|FILE] [--seeds N] --out DIR
-    treegrpo eval --checkpoint {base|compose|RUN_DIR|PATH} [--rewards a,b] [--prompts all|heldout|train|FILE] [--seeds N]
+    treegrpo sample --checkpoint {base|shapes|RUN_DIR|PATH} [--prompts heldout|train|shapes|FILE] [--seeds N] --out DIR
+    treegrpo eval --checkpoint {base|shapes|RUN_DIR|PATH} [--rewards a,b] [--prompts heldout|train|shapes|FILE] [--seeds N]
                   [--reward-option NAME:KEY=VALUE ...] [--images DIR] [--baseline BASE.json] [--out FILE.json]
     treegrpo pretrain {compose|shapes|classifier} [--out PATH] [--steps N] [--seed S]
     treegrpo bench [--methods a,b] [--seeds 0 1 2] [--variant NAME:key=value,...] [--lr-sweep 1e-4,2e-4]
@@ -30,10 +30,10 @@ def _resolve_policy(spec: str, guidance_scale: float | None = None):
     from treegrpo.config import load_config
     from treegrpo.policies import build_policy, load_policy, load_trainable_state_dict
 
-    if spec in ("base", "shapes"):  # the default model: the embedded shapes model
-        return load_policy("shapes", "shapes", guidance_scale=guidance_scale), {"family": "shapes", "num_steps": 10}
-    if spec == "compose":  # the embedded SD3 pipeline of the compositional world
+    if spec in ("base", "compose"):  # the default model: the compositional world's embedded SD3 pipeline
         return load_policy("compose", guidance_scale=guidance_scale), {"family": "sd3", "num_steps": 10}
+    if spec == "shapes":  # the old 16x16 shapes model
+        return load_policy("shapes", "shapes", guidance_scale=guidance_scale), {"family": "shapes", "num_steps": 10}
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {spec!r} does not exist (use 'base', a run directory, a checkpoint path "
@@ -55,9 +55,9 @@ def _resolve_policy(spec: str, guidance_scale: float | None = None):
     if (path / "model_index.json").is_file():  # a diffusers pipeline folder (e.g. from `pretrain compose`)
         policy = load_policy(str(path), guidance_scale=guidance_scale)
         return policy, {"family": getattr(policy, "family", "auto"), "num_steps": 10}
-    policy = load_policy("base", "shapes", guidance_scale=guidance_scale)  # a bare checkpoint of the shapes model
+    policy = load_policy("base", guidance_scale=guidance_scale)  # a bare checkpoint of the embedded SD3 transformer
     load_trainable_state_dict(policy, load_weights(path, prefer_ema=True))
-    return policy, {"family": "shapes", "num_steps": 10, "checkpoint": str(path)}
+    return policy, {"family": "sd3", "num_steps": 10, "checkpoint": str(path)}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="treegrpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="RL-train a model (default: TreeGRPO on the embedded shapes model)")
+    train = sub.add_parser("train", help="RL-train a model (default: TreeGRPO on the embedded SD3 pipeline)")
     train.add_argument("config", nargs="?", help="YAML config (optional)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
     train.add_argument("--output-dir", help="run directory (default runs/METHOD-TIMESTAMP); an existing one resumes")
@@ -317,11 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, helptext in (("sample", cmd_sample, "write ODE samples as PNGs with an index.jsonl"),
                                  ("eval", cmd_eval, "mean rewards on held-out prompts and seeds (and the world's accuracies) as JSON")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--checkpoint", default="base", help="base (the embedded shapes model), compose (the "
-                       "compositional world's SD3 pipeline), a run directory, a checkpoint path, or a diffusers "
-                       "pipeline folder")
-        p.add_argument("--prompts", default="all", help="all (the 54 shapes prompts), heldout (the compositional "
-                       "world's 300 held-out prompts), train (its 1,302 RL prompts) or a prompt file (.txt, .jsonl, .csv)")
+        p.add_argument("--checkpoint", default="base", help="base (the compositional world's embedded SD3 "
+                       "pipeline, also 'compose'), shapes (the old 16x16 model), a run directory, a checkpoint path, "
+                       "or a diffusers pipeline folder")
+        p.add_argument("--prompts", default="heldout", help="heldout (the compositional world's 300 held-out "
+                       "prompts), train (its 1,302 RL prompts), shapes (the old world's 54) or a prompt file (.txt, .jsonl, .csv)")
         p.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
         p.add_argument("--seed-offset", type=int, default=1_000_000, help="first seed (held-out seeds by default)")
         p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the run's)")
@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sample":
             p.add_argument("--out", required=True, help="output directory")
         else:
-            p.add_argument("--rewards", default="shapes,shape,color,background",
+            p.add_argument("--rewards", default="compose,compose_strict",
                            help="comma-separated reward names, e.g. hpsv2.1,imagereward,aesthetic,clipscore")
             p.add_argument("--reward-option", action="append", default=[], metavar="NAME:KEY=VALUE",
                            help="a reward option (repeatable), e.g. hpsv2.1:checkpoint=/path/HPS_v2.1_compressed.pt")
@@ -387,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):  # also the libraries' own bars ("Loading pipeline components...")
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()  # e.g. "CLIPImageProcessor requires torchvision" (never installed here)
     from treegrpo.checkpoint import CheckpointError, CheckpointWriteError
     from treegrpo.config import ConfigError
     from treegrpo.rewards.retry import RewardError

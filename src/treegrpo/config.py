@@ -27,9 +27,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    family: str = "shapes"  # shapes (the 16x16 demo model), sd3, flux, sd15, or auto (from the pipeline's class)
-    # "base": the family's shipped base model (sd3: the compositional world's SD3 pipeline, also
-    # "compose"; shapes or auto: the 16x16 model), a local folder, or a Hugging Face model id (cached)
+    family: str = "auto"  # auto (from the pipeline's class), sd3, flux, sd15, or shapes (the old 16x16 model of fast tests)
+    # "base": the embedded model (the compositional world's tiny SD3 pipeline, also "compose"; with
+    # family shapes the old 16x16 model), a local pipeline folder, or a Hugging Face model id (cached)
     pretrained: str = "base"
     num_steps: int = 10  # denoising steps T (NFE without CFG)
     guidance_scale: float | None = None  # CFG scale (FLUX: the distilled guidance embedding); None = the family's default
@@ -98,8 +98,8 @@ class MethodConfig:
 class RewardConfig:
     # reward name -> weight; several rewards are standardised per prompt group, weighted, standardised
     # again (the paper's HPS-v2.1 : CLIPScore 4:1 is `weights: {hpsv2.1: 0.8, clipscore: 0.2}`)
-    weights: dict[str, float] = field(default_factory=lambda: {"shapes": 1.0})
-    eval: list[str] = field(default_factory=lambda: ["shapes", "shape", "color", "background"])
+    weights: dict[str, float] = field(default_factory=lambda: {"compose": 1.0})
+    eval: list[str] = field(default_factory=lambda: ["compose", "compose_strict"])
     # reward name -> its constructor options, e.g. {hpsv2.1: {checkpoint: /path/HPS_v2.1_compressed.pt,
     # device: cuda}}; see each reward's docstring (treegrpo.rewards.preference) for its keys
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -109,7 +109,10 @@ class RewardConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4
+    # lr 1e-4 and KL 0.1: on the compositional world (full fine-tuning of the embedded SD3 transformer)
+    # lr 5e-4, or 2e-4 without clipping and KL, collapsed the images within 3-10 iterations
+    # (docs/benchmarks.md section 7); the old shapes world used 2e-4 and 0.5
+    lr: float = 1e-4
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
@@ -117,7 +120,7 @@ class OptimConfig:
     epochs: int = 1  # passes over the iteration's trained edges
     clip_range: float = 1e-4  # PPO ratio clip eps
     adv_clip: float = 5.0  # advantages clipped to [-adv_clip, adv_clip]
-    kl_coef: float = 0.5  # beta of the KL to the base model (0 = off); keeps untouched details (backgrounds) from drifting
+    kl_coef: float = 0.1  # beta of the KL to the base model (0 = off); keeps untouched details (backgrounds) from drifting
     kl_per_edge: bool = False  # count a node's KL once per outgoing edge (k at a k-way node), as the policy term sums its k edges
     step_weight: str = "none"  # weight of each trained step's loss: none, level (each step the same total weight), gain (1 / (|c_v| / std), the step's gradient gain, relative to step 0), level_gain (both)
     recompute_old_log_probs: bool = True  # old log-probs in the training layout, so ratio == 1 exactly
@@ -133,7 +136,7 @@ class OptimConfig:
 class TrainConfig:
     iterations: int = 60
     prompts_per_iteration: int = 16
-    prompts: str = "all"  # training prompts: "all" (the 54 shapes prompts), "train" (the compositional world's 1,302 RL prompts), or a prompt file (.txt, .jsonl, .csv)
+    prompts: str = "train"  # training prompts: "train" (the compositional world's 1,302 RL prompts), "shapes" (the old world's 54), or a prompt file (.txt, .jsonl, .csv)
     seed: int = 0
     max_batch: int = 512  # rows per model call (rollout and training chunks)
     checkpoint_every: int = 20  # iterations between checkpoints (0 = only the final one)
@@ -146,7 +149,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 20  # iterations between held-out evaluations (0 = start and end only)
-    prompts: str = "all"  # "all" (the 54 shapes prompts), "heldout" (the compositional world's 300 held-out prompts), or a prompt file path
+    prompts: str = "heldout"  # "heldout" (the compositional world's 300 held-out prompts, never trained on), "shapes" (the old world's 54), or a prompt file path
     num_seeds: int = 4  # held-out seeds per prompt
     seed_offset: int = 1_000_000  # held-out seeds start here (training never uses them)
     grid_prompts: int = 18  # prompts shown in the sample grids
@@ -423,6 +426,8 @@ def check_model_keys(model: ModelConfig) -> None:
     default = ModelConfig()
     changed = {k for k in dataclasses.asdict(model) if getattr(model, k) != getattr(default, k)}
     family = model.family
+    if family == "auto" and model.pretrained in ("base", "", "compose"):  # the embedded SD3 pipeline
+        family = "sd3"
     for key in FAMILY_IGNORES.get(family, ()):
         if key not in changed:
             continue

@@ -1,7 +1,7 @@
 """`load_policy`: the right `Policy` for a diffusers pipeline object, a local folder, a cached
-Hugging Face model id, "base" (the family's shipped model: the 16x16 shapes model by default, the
-compositional world's SD3 pipeline for family sd3), "compose" (that SD3 pipeline, loaded by the
-same code as SD3.5) or "shapes".
+Hugging Face model id, "base" (the embedded model: the compositional world's SD3 pipeline, loaded
+by the same code as SD3.5; with family "shapes" the old 16x16 shapes model, which fast tests use),
+"compose" (that SD3 pipeline) or "shapes" (the shapes model).
 
 The family is read from the pipeline class (or `_class_name` in model_index.json); offline
 (HF_HUB_OFFLINE=1) a model id loads from the local cache only, and a missing one is one error that
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,9 @@ def load_pipeline(source: str | Path, family: str | None = None, dtype: Any = No
         kwargs["torch_dtype"] = dtype
     if family == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)  # RL scores images; no NSFW filter here
-    return cls.from_pretrained(folder, **kwargs)
+    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        return cls.from_pretrained(folder, **kwargs)
 
 
 def embedded_pipeline_path() -> Path:
@@ -95,9 +98,9 @@ def embedded_pipeline_path() -> Path:
 
 def load_policy(source: Any = "base", family: str | None = None, **options: Any) -> Policy:
     """A `Policy` for `source`: a diffusers pipeline object, a local pipeline folder, a Hugging Face
-    model id (cached), "base" (the family's shipped model: the compositional world's SD3 pipeline
-    for family sd3, else the 16x16 shapes model, today's default), "compose" (the SD3 pipeline),
-    "shapes" (the shapes model) or a saved shapes-model folder. A pipeline folder may hold `treegrpo.json` with default options
+    model id (cached), "base" (the embedded model: the compositional world's SD3 pipeline, or
+    with family "shapes" the old 16x16 shapes model, kept for fast tests), "compose" (the SD3
+    pipeline), "shapes" (the shapes model) or a saved shapes-model folder. A pipeline folder may hold `treegrpo.json` with default options
     (the embedded model stores max_sequence_length 0, its guidance scale and resolution there);
     options given here, if not None, win.
 
@@ -112,12 +115,12 @@ def load_policy(source: Any = "base", family: str | None = None, **options: Any)
         from treegrpo.policies.analytic import GaussianPolicy
 
         return GaussianPolicy(**{k: v for k, v in options.items() if k in ("data_std", "latent_shape")})
-    if isinstance(source, str) and (source == "compose" or (source in ("base", "") and family == "sd3")):
+    if isinstance(source, str) and (source == "compose" or (source in ("base", "") and family != "shapes")):
         if family not in (None, "auto", "sd3"):
             raise ValueError(f"model.pretrained={source!r} is the embedded SD3 pipeline; family {family!r} needs a "
                              "model id or a pipeline folder")
         source = embedded_pipeline_path()
-    if isinstance(source, str) and source in ("shapes", "base", ""):
+    if isinstance(source, str) and source in ("shapes", "base", ""):  # "base" is here only with family shapes
         family = "shapes" if family in (None, "auto") else family
         if family != "shapes":
             raise ValueError(f"model.pretrained={source!r} is the embedded shapes model; family {family!r} needs a "
