@@ -81,6 +81,25 @@ def test_shapes_layout_finds_the_shape_centre_and_size():
     assert shapes_layout(torch.zeros(1, 3, 16, 16)).tolist() == [[0.5, 0.5, 0.0]]
 
 
+def test_scene_layout_is_object_coverage_per_cell_of_the_compositional_world():
+    from treegrpo.worlds.compose import Placed, render_scenes
+    from treegrpo.worlds.compose_layout import scene_layout
+
+    def scene(cx, cy, r=5.0, colour="red"):
+        return [Placed(colour, "square", cx, cy, r)]
+
+    images = render_scenes([scene(6, 6), scene(6, 6, colour="blue"), scene(26, 26), scene(6, 6, r=3.5), []])
+    f = scene_layout(images)
+    assert f.shape == (5, 16)
+    side = 2 * 0.85 * 5.0  # a square of half-side 0.85 r
+    assert float(f[0].sum()) * 64 == pytest.approx(side ** 2, rel=0.05)  # coverage adds up to the area
+    assert int(f[0].argmax()) == 0 and int(f[2].argmax()) == 15  # top-left cell, bottom-right cell
+    assert torch.allclose(f[0], f[1], atol=1e-6)  # colour is the prompt's, not the layout's
+    assert float((f[0] - f[3]).norm()) > 0.1 and float(f[4].abs().max()) == 0.0  # size counts; empty is zero
+    assert list(resolve_features(None, {}, "compose")) == ["scene_layout"]
+    assert "scene_layout" not in resolve_features(None, {}, "sd3")  # a real SD3 model is not this world
+
+
 def test_feature_resolution_registry_and_errors():
     assert "layout" in available_features()
 

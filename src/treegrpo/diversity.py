@@ -17,9 +17,10 @@ embeddings, "euclidean" for coordinates such as an object layout). Two sources:
 1. a loaded reward with an ``image_features(images) -> [B, D]`` method (the CLIP-based rewards of
    ``treegrpo.rewards.preference``): feature ``cosine_NAME``, cosine distance (`reward_feature`);
 2. a world's own feature, registered with `register_diversity_feature(name, fn, metric=...,
-   families=(...))`; it is used by default when ``model.family`` is one of `families`. The shapes
-   world registers ``layout`` (its shape's centroid and extent from the colour mask, see
-   `shapes_layout`); a new world registers its detector's object layout the same way.
+   families=(...))`; it is used by default when the run's world (``compose`` or ``shapes`` for the
+   embedded worlds, else ``model.family``) is one of `families`. The shapes world registers
+   ``layout`` (its shape's centroid and extent from the colour mask, see `shapes_layout`), the
+   compositional world ``scene_layout`` (object coverage per image cell, see `compose_layout`).
 
 Evaluation logs ``diversity/lgmd``, ``diversity/pixel`` and ``diversity/FEATURE`` per feature
 (`per_image_diversity`); GARDO's diversity-weighted advantages (``treegrpo.advantages``) use
@@ -202,4 +203,5 @@ def per_image_diversity(images: torch.Tensor, latents: torch.Tensor, prompts: li
 
 
 def _import_builtin_features() -> None:
+    import treegrpo.worlds.compose_layout  # noqa: F401  (registers "scene_layout" for the compositional world)
     import treegrpo.worlds.shapes_layout  # noqa: F401  (registers "layout" for the shapes family)

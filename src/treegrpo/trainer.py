@@ -175,16 +175,17 @@ class Trainer:
         """The evaluation's diversity features and GARDO's (``method.diversity_weight: gardo``): the
         named one, else the first automatic one of the trained rewards, then of all, then the world's."""
         c = self.config
+        world = self.accuracy or c.model.family  # "compose" / "shapes" for the embedded worlds, else the family
         try:
-            features = resolve_features(c.eval.diversity_features, self.rewards, c.model.family)
+            features = resolve_features(c.eval.diversity_features, self.rewards, world)
             if c.method.diversity_weight == "none":
                 return features, None
             if c.method.diversity_feature is not None:
-                found = resolve_features([c.method.diversity_feature], self.rewards, c.model.family,
+                found = resolve_features([c.method.diversity_feature], self.rewards, world,
                                          option="method.diversity_feature")
             else:
                 trained = {n: self.rewards[n] for n in c.reward.weights}
-                found = resolve_features(None, trained, c.model.family) or resolve_features(None, self.rewards, c.model.family)
+                found = resolve_features(None, trained, world) or resolve_features(None, self.rewards, world)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if not found:
