@@ -128,3 +128,23 @@ def test_pretrain_makes_and_continues_a_loadable_pipeline(tmp_path):
     tr_a, tr_b = first.transformer.state_dict(), second.transformer.state_dict()
     assert any(not torch.equal(tr_a[k], tr_b[k]) for k in tr_a)
     assert json.loads((tmp_path / "b" / DEFAULTS_FILE).read_text())["max_sequence_length"] == 0
+
+
+def test_the_default_cli_run_is_the_compositional_world(tmp_path, capsys):
+    """`treegrpo train` with no world overrides trains the embedded SD3 pipeline on the rule-based
+    reward and logs strict accuracy per template and the world's layout diversity."""
+    from treegrpo.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    run = tmp_path / "run"
+    assert main(["train", "method.k=2", "method.window=2", f"train.prompts={prompts}", f"eval.prompts={prompts}",
+                 "eval.num_seeds=2", "eval.grid_prompts=2", "eval.diversity_grid_prompts=0", "train.iterations=1",
+                 "train.prompts_per_iteration=2", "log.trackers=[]", "--output-dir", str(run), "--quiet"]) == 0
+    assert "acc/strict/count" in capsys.readouterr().out  # the printed base vs final table
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("acc/strict", "acc/strict/single", "acc/strict/count", "reward/compose", "diversity/scene_layout"):
+        assert key in summary["base"] and key in summary["final"], key
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["iteration"] == 0 and "eval/acc/strict" in first and "train/compose_mean" not in first
+    assert (run / "transformer" / "config.json").is_file()  # full fine-tuning's weights, loadable by diffusers
