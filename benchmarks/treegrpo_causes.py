@@ -29,12 +29,12 @@ import torch
 
 from treegrpo.advantages import backup, normalize_by_group, parent_baseline
 from treegrpo.config import load_config
-from treegrpo.worlds.shapes import SHAPES_WORLD
 from treegrpo.evaluation import decode_chunked, score_images
 from treegrpo.loss import policy_loss, step_weights
 from treegrpo.rollout import rollout, transition
 from treegrpo.trainer import Trainer
 from treegrpo.tree import TreeShape, trained_edges
+from treegrpo.worlds.shapes import SHAPES_WORLD
 
 
 def main() -> int:

@@ -13,9 +13,8 @@ from treegrpo.diversity import (DiversityFeature, available_features, cosine_div
                                 nearest_neighbour_distance, per_image_diversity, pixel_distance,
                                 register_diversity_feature, resolve_features)
 from treegrpo.tree import Tree, TreeShape
-from treegrpo.worlds.shapes import render_batch, parse_prompt
+from treegrpo.worlds.shapes import SHAPES_WORLD, parse_prompt, render_batch
 from treegrpo.worlds.shapes_layout import shapes_layout
-from treegrpo.worlds.shapes import SHAPES_WORLD
 
 
 def test_cosine_diversity_closed_forms():

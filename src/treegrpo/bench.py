@@ -181,13 +181,7 @@ def summarise(runs: dict[str, list[Path]], sweeps: dict[str, dict[str, list[Path
     sweeps: {line: {lr: [run dirs]}} for learning-rate swept lines: each line is then reported at
     its lr with the highest mean area under the held-out curve (`best_lr`), every lr's final reward
     and area under `lr_sweep`. interpolate: see `time_to_reach`."""
-    metrics = {c[0]["metric"] for dirs in [*runs.values(), *(d for s in (sweeps or {}).values() for d in s.values())]
-               for c in map(_curve, dirs) if c}
-    if len(metrics) > 1:
-        raise ValueError(f"the bench's runs were judged on different held-out metrics {sorted(metrics)}: one world per bench")
-    metric = metrics.pop() if metrics else next(iter(METRICS))
-    results: dict[str, Any] = {"metric": metric, "second_metric": METRICS[metric], "methods": {},
-                               "reach": "interpolated" if interpolate else "first evaluation"}
+    results: dict[str, Any] = {"methods": {}, "reach": "interpolated" if interpolate else "first evaluation"}
     for name, dirs in runs.items():
         results["methods"][name] = _summarise_line(dirs)
     for name, by_lr in (sweeps or {}).items():
@@ -196,6 +190,11 @@ def summarise(runs: dict[str, list[Path]], sweeps: dict[str, dict[str, list[Path
         results["methods"][name] = {**lines[best], "best_lr": float(best), "lr_sweep": {
             lr: {k: m[k] for k in ("final_reward", "final_reward_ci95", "auc", "auc_ci95", "seeds", "runs")}
             for lr, m in lines.items()}}
+    metrics = {p["metric"] for m in results["methods"].values() for c in m["curves"] for p in c}
+    if len(metrics) > 1:
+        raise ValueError(f"the bench's runs were judged on different held-out metrics {sorted(metrics)}: one world per bench")
+    results["metric"] = metrics.pop() if metrics else next(iter(METRICS))
+    results["second_metric"] = METRICS[results["metric"]]
     # Time (and calls) each method needs to reach each rival's final mean reward, per seed then averaged
     # over the seeds that reached it.
     for name, m in results["methods"].items():

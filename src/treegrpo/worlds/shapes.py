@@ -19,7 +19,7 @@ IMAGE_SIZE = 16
 # why fast tests use it), its learned reward, its 54 prompts, and the optimiser settings it was
 # tuned with (lr 2e-4, KL 0.5).
 SHAPES_WORLD = ["model.family=shapes", "reward.weights={shapes: 1.0}", "reward.eval=[shapes, shape, color, background]",
-                "train.prompts=shapes", "eval.prompts=shapes", "eval.grid_prompts=18", "optim.lr=2e-4", "optim.kl_coef=0.5"]
+                "train.prompts=shapes", "eval.prompts=shapes", "optim.lr=2e-4", "optim.kl_coef=0.5"]
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (1.0, 0.0, 0.0),
