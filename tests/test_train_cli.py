@@ -65,6 +65,7 @@ def test_rerunning_a_finished_run_resumes_instead_of_restarting(run_dir, capsys)
 @pytest.mark.parametrize("argv, message", [
     (["train", "optim.lrr=1"], "Did you mean optim.lr"),
     (["train", "reward.weights={nope: 1.0}"], "unknown reward 'nope'"),
+    (["train", *SHAPES_WORLD, "train.prompt_balance=template"], "not a prompt of the compositional world"),
     (["sample", "--checkpoint", "/does/not/exist", "--out", "/tmp/x"], "does not exist"),
     (["eval", "--prompts", "/no/such/prompts.txt"], "does not exist"),
 ])

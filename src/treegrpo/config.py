@@ -137,6 +137,7 @@ class TrainConfig:
     iterations: int = 60
     prompts_per_iteration: int = 16
     prompts: str = "train"  # training prompts: "train" (the compositional world's 1,302 RL prompts), "shapes" (the old world's 54), or a prompt file (.txt, .jsonl, .csv)
+    prompt_balance: str = "auto"  # "auto": draw the compositional world's four templates equally often; "template": same, world prompts required; "none": uniform over the prompts
     seed: int = 0
     max_batch: int = 512  # rows per model call (rollout and training chunks)
     checkpoint_every: int = 20  # iterations between checkpoints (0 = only the final one)
@@ -372,6 +373,8 @@ def validate(config: Config) -> None:
         (0 <= o.ema_decay < 1, f"optim.ema_decay must be in [0, 1) (0 = no EMA; e.g. 0.9), got {o.ema_decay}"),
         (t.iterations >= 0, f"train.iterations must be >= 0, got {t.iterations}"),
         (t.prompts_per_iteration >= 1, f"train.prompts_per_iteration must be >= 1, got {t.prompts_per_iteration}"),
+        (t.prompt_balance in ("auto", "template", "none"),
+         f"train.prompt_balance must be auto, template or none, got {t.prompt_balance!r}"),
         (t.max_batch >= 1, f"train.max_batch must be >= 1, got {t.max_batch}"),
         (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
         (t.max_seconds >= 0 and t.max_model_calls >= 0, "train.max_seconds and train.max_model_calls must be >= 0 (0 = no limit)"),

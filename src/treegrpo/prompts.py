@@ -8,6 +8,8 @@ import csv
 import json
 from pathlib import Path
 
+import torch
+
 
 BUILT_IN = ("train", "heldout", "shapes")
 
@@ -60,3 +62,59 @@ def _read_prompts(path: Path, spec: str) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt file {spec!r} holds no prompts")
     return prompts
+
+
+BALANCE = ("auto", "template", "none")
+
+
+def prompt_groups(prompts: list[str], balance: str) -> list[str] | None:
+    """The group of each prompt that training draws evenly from, or None for uniform draws.
+
+    "template": the compositional world's template of each prompt (ValueError if one is not a world
+    prompt); "auto": templates when every prompt is a world prompt, else None; "none": None. The
+    world's training split is 83% position prompts, while held-out accuracy averages the four
+    templates equally: uniform draws would almost never train single-object or counting prompts.
+    """
+    if balance not in BALANCE:
+        raise ValueError(f"train.prompt_balance must be one of {BALANCE}, got {balance!r}")
+    if balance == "none":
+        return None
+    from treegrpo.worlds.compose import parse_prompt
+
+    try:
+        return [parse_prompt(p).template for p in prompts]
+    except ValueError:
+        if balance == "auto":
+            return None
+        raise
+
+
+def draw_prompts(pool: list[str], n: int, generator: torch.Generator, groups: list[str] | None = None) -> list[str]:
+    """`n` prompts from `pool`, without replacement until the pool (or a group) is used up.
+
+    With `groups` (one label per prompt), every group gets n // G picks and the remainder goes to
+    randomly chosen groups, so each group is trained equally often whatever its size. Only
+    `generator` (a torch.Generator) is consumed, so a resumed run draws the same prompts.
+    """
+    def without_replacement(items: list[str], count: int) -> list[str]:
+        picks: list[str] = []
+        while len(picks) < count:
+            order = torch.randperm(len(items), generator=generator).tolist()
+            picks.extend(items[i] for i in order[: count - len(picks)])
+        return picks
+
+    if not pool:
+        raise ValueError("no training prompts")
+    if groups is None:
+        return without_replacement(pool, n)
+    if len(groups) != len(pool):
+        raise ValueError(f"{len(groups)} group labels for {len(pool)} prompts")
+    names = sorted(set(groups))
+    counts = [n // len(names)] * len(names)
+    for i in torch.randperm(len(names), generator=generator).tolist()[: n % len(names)]:
+        counts[i] += 1
+    picks = []
+    for name, count in zip(names, counts):
+        picks += without_replacement([p for p, g in zip(pool, groups) if g == name], count)
+    order = torch.randperm(len(picks), generator=generator).tolist()  # groups mixed across ranks' shards
+    return [picks[i] for i in order]

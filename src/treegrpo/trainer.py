@@ -54,7 +54,7 @@ from treegrpo.memory import PeakMemory
 from treegrpo.policies import Policy, build_policy, enable_prompt_cache, load_trainable_state_dict, trainable_state_dict
 from treegrpo.policies.base import attach_wrapped
 from treegrpo.policies.lora import BaseModelView
-from treegrpo.prompts import load_prompts
+from treegrpo.prompts import draw_prompts, load_prompts, prompt_groups
 from treegrpo.rewards import build_rewards
 from treegrpo.rewards.retry import RewardError, with_retries
 from treegrpo.rollout import rollout, transition
@@ -87,6 +87,10 @@ class Trainer:
         torch.manual_seed(config.train.seed)  # the same model (LoRA init included) on every rank
         # Prompt files first: a missing or malformed one fails before the model is loaded.
         self.train_prompts = train_prompts or load_prompts(config.train.prompts)
+        try:
+            self.prompt_groups = prompt_groups(self.train_prompts, config.train.prompt_balance)
+        except ValueError as err:
+            raise ConfigError(f"train.prompt_balance={config.train.prompt_balance}: {err}") from None
         self.eval_prompts = load_prompts(config.eval.prompts)
         self.accuracy = accuracy_kind(config.model.family, self.eval_prompts)
         if policy is None:
@@ -416,15 +420,10 @@ class Trainer:
         self.method.spread.update(all_sum(self.accelerator, sums))
 
     def _pick_prompts(self) -> list[str]:
-        n = self.config.train.prompts_per_iteration
-        pool = self.train_prompts
-        if not pool:
+        if not self.train_prompts:
             raise ConfigError("no training prompts")
-        picks = []
-        while len(picks) < n:  # without replacement within a pass over the pool
-            order = torch.randperm(len(pool), generator=self.generator).tolist()
-            picks.extend(pool[i] for i in order[: n - len(picks)])
-        return picks
+        return draw_prompts(self.train_prompts, self.config.train.prompts_per_iteration, self.generator,
+                            self.prompt_groups)
 
     # ------------------------------------------------------------------ the update
     def _edge_log_probs(self, batch: EdgeBatch, cond: Any, with_reference: bool = False
