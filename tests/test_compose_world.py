@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from treegrpo.rewards import build_reward
-from treegrpo.rewards.compose import constraints, detect, verdicts
+from treegrpo.rewards.compose import constraints, detect, shape_credit, soft_scores, verdicts
 from treegrpo.worlds.compose import (HELDOUT_SIZES, IMAGE_SIZE, MIN_GAP, RELATION_MARGIN, Placed, all_specs,
                                      parse_prompt, render_prompts, render_scenes, sample_scene, split_prompts)
 
@@ -192,3 +192,52 @@ def test_constraint_scores_lie_in_unit_interval():
     for spec in rng.sample(all_specs(), 50):
         dets = detect(render_scenes([sample_scene(rng.choice(all_specs()), rng)]))[0]
         assert all(0.0 <= c <= 1.0 for c in constraints(spec, dets))
+
+
+# ------------------------------------------------------------------------------------ continuous credit
+def soft(objects, prompt):
+    return float(soft_scores(render_scenes([scene(*objects)]), [prompt])[0])
+
+
+def test_soft_credit_is_full_on_clean_scenes_and_tracks_the_verdicts():
+    for objects, prompt in [([RED_CIRCLE], "a red circle"), ([RED_CIRCLE, BLUE_SQUARE], "a red circle and a blue square"),
+                            ([RED_CIRCLE, BLUE_SQUARE], "a red circle to the left of a blue square")]:
+        assert soft(objects, prompt) == pytest.approx(1.0)
+    assert soft([("red", "square", 8.0, 16.0, 4.5)], "a red circle") == pytest.approx(2 / 3, abs=0.02)  # wrong shape
+    assert soft([], "a red circle") == 0.0
+    assert soft([RED_CIRCLE, BLUE_SQUARE], "a red circle to the right of a blue square") == pytest.approx(0.75)
+    merged = [("red", "circle", 12.0, 16.0, 5.0), ("red", "circle", 19.0, 16.0, 5.0)]
+    assert soft(merged, "a red circle") == pytest.approx(2 / 3)  # colour and count right, no shape credit
+
+
+def test_soft_relation_credit_grows_with_the_margin():
+    credits = [soft([("red", "circle", 8.0, 8.0, 4.0), ("blue", "square", 8.0 + dx, 22.0, 4.0)],
+                    "a red circle to the left of a blue square") for dx in (-2.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0)]
+    assert credits == sorted(credits) and credits[0] == pytest.approx(0.75) and credits[-1] == pytest.approx(1.0)
+    assert 0.75 < credits[3] < 1.0  # partial credit inside the margin, where the verdict is still 0
+
+
+def test_soft_shape_credit_falls_as_a_shape_blurs_towards_another():
+    """A circle blended step by step into a square of the same centre: the circle's credit falls,
+    the square's rises, and both lie in [0, 1]."""
+    circle = render_scenes([scene(("red", "circle", 16.0, 16.0, 5.0))])
+    square = render_scenes([scene(("red", "square", 16.0, 16.0, 5.0))])
+    as_circle, as_square = [], []
+    for t in torch.linspace(0, 1, 6):
+        det = detect(circle * (1 - t) + square * t)[0][0]
+        as_circle.append(shape_credit(det, "circle"))
+        as_square.append(shape_credit(det, "square"))
+    assert as_circle[0] == 1.0 and as_square[-1] == 1.0 and as_circle[-1] < 0.2 and as_square[0] < 0.2
+    assert all(a >= b - 1e-6 for a, b in zip(as_circle, as_circle[1:]))
+    assert all(a <= b + 1e-6 for a, b in zip(as_square, as_square[1:]))
+    assert 0 < as_circle[2] < 1 or 0 < as_circle[3] < 1  # a continuous passage, not a switch
+
+
+def test_soft_scores_lie_in_unit_interval_and_are_registered():
+    rng = random.Random(3)
+    specs = rng.sample(all_specs(), 40)
+    images = render_scenes([sample_scene(rng.choice(all_specs()), rng) for _ in specs])
+    prompts = [s.text for s in specs]
+    scores = build_reward("compose_soft")(images, prompts)
+    assert scores.shape == (40,) and bool(((scores >= 0) & (scores <= 1)).all())
+    assert torch.equal(scores, soft_scores(images, prompts))

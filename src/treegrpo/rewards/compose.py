@@ -53,7 +53,7 @@ COLOUR_NAMES = tuple(COLOURS)
 @dataclass(frozen=True)
 class Detection:
     """One detected object: colour name, shape name (None = fits no template), centre, area (px),
-    relative fit error of the best template."""
+    relative fit error of the best template, and of each template (circle, square, triangle)."""
 
     colour: str
     shape: str | None
@@ -61,6 +61,7 @@ class Detection:
     cy: float
     area: float
     fit_error: float
+    fit_errors: tuple[float, ...] = ()
 
 
 def palette_blend(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +183,8 @@ def detect(images: torch.Tensor) -> list[list[Detection]]:
         fits = float(best_err[j]) <= FIT_MAX and float(areas[c]) <= MAX_AREA
         shape = SHAPES[int(best_shape[j])] if fits else None
         result[int(image_of[c])].append(Detection(COLOUR_NAMES[int(colour[c])], shape, float(cx[c]), float(cy[c]),
-                                                  float(areas[c]), float(best_err[j])))
+                                                  float(areas[c]), float(best_err[j]),
+                                                  tuple(float(e) for e in errors[j])))
     for dets in result:
         dets.sort(key=lambda d: -d.area)
     return result
@@ -231,6 +233,62 @@ def constraints(spec: PromptSpec, dets: list[Detection]) -> list[float]:
     return scores
 
 
+SOFT_SHAPE_LEAD = 0.1  # fit-error lead over the next template at which `compose_soft` gives full shape credit
+SOFT_FIT_BAND = 0.1  # half-width of the band around FIT_MAX over which its shape credit fades out
+
+
+def _ramp(value: float) -> float:
+    return min(1.0, max(0.0, value))
+
+
+def shape_credit(det: Detection, shape: str) -> float:
+    """How clearly `det` is a `shape`, in [0, 1]: the product of its lead over the best other
+    template (0 when it trails by SOFT_SHAPE_LEAD, 1 when it leads by as much, linear between) and
+    its own fit (1 at FIT_MAX - SOFT_FIT_BAND, 0 at FIT_MAX + SOFT_FIT_BAND). 0 for an object too
+    large to be one shape (merged objects)."""
+    if det.area > MAX_AREA or not det.fit_errors:
+        return 0.0 if det.area > MAX_AREA else float(det.shape == shape)
+    i = SHAPES.index(shape)
+    own = det.fit_errors[i]
+    other = min(e for j, e in enumerate(det.fit_errors) if j != i)
+    lead = _ramp(0.5 + (other - own) / (2 * SOFT_SHAPE_LEAD))
+    return lead * _ramp((FIT_MAX + SOFT_FIT_BAND - own) / (2 * SOFT_FIT_BAND))
+
+
+def soft_constraints(spec: PromptSpec, dets: list[Detection]) -> list[float]:
+    """`constraints` with continuous credit where the detector measures a continuous quantity: an
+    object's shape (`shape_credit`, instead of the best template's name), the count of the named
+    object (the sum of the shape credits of the objects of its colour) and the relation (its margin
+    over 2 RELATION_MIN px, clipped to [0, 1]). The number of objects stays a count. A training
+    reward: the pixels' small changes move it, where the thresholded `compose` mostly stays put."""
+    if spec.template == "single":
+        obj = spec.objects[0]
+        coloured = [d for d in dets if d.colour == obj.colour]
+        return [float(bool(coloured)), max((shape_credit(d, obj.shape) for d in coloured), default=0.0),
+                float(len(dets) == 1)]
+    if spec.template == "count":
+        n, obj = len(spec.objects), spec.objects[0]
+        m = sum(shape_credit(d, obj.shape) for d in dets if d.colour == obj.colour)
+        return [max(0.0, 1.0 - abs(m - n) / n), float(len(dets) == n)]
+    matched = _match(spec, dets)
+    scores = [0.0 if d is None else 0.5 + 0.5 * shape_credit(d, obj.shape) for (d, _), obj in zip(matched, spec.objects)]
+    scores.append(float(len(dets) == 2))
+    if spec.template == "position":
+        (a, _), (b, _) = matched
+        scores.append(0.0 if a is None or b is None else _ramp(_relation_margin(a, b, spec.relation) / (2 * RELATION_MIN)))
+    return scores
+
+
+def soft_scores(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """`compose_soft` [B]: the mean of `soft_constraints` per image."""
+    if images.ndim != 4 or images.shape[0] != len(prompts):
+        raise ValueError(f"compose rewards need images [B, 3, H, W] and B prompts, got {tuple(images.shape)} and "
+                         f"{len(prompts)} prompts")
+    specs = [parse_prompt(p) for p in prompts]
+    scores = [soft_constraints(s, d) for s, d in zip(specs, detect(images))]
+    return torch.tensor([sum(c) / len(c) for c in scores], dtype=torch.float32)
+
+
 def verdicts(images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(partial credit [B] in [0, 1], strict [B] in {0, 1}) for images [B, 3, H, W] and B prompts."""
     if images.ndim != 4 or images.shape[0] != len(prompts):
@@ -270,3 +328,12 @@ class ComposeStrictReward:
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return verdicts(images, prompts)[1]
+
+
+@register_reward("compose_soft")
+class ComposeSoftReward:
+    """Continuous partial credit of the compositional world (`soft_constraints`): how clearly each
+    named object has its shape, how far the relation holds, how close the count is; in [0, 1]."""
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return soft_scores(images, prompts)
