@@ -13,6 +13,10 @@ its cosine above the control's, with a jackknife 95% interval over the rollouts.
 
     .venv/bin/python benchmarks/gradient_signal.py --rollouts 12            # the default config
     .venv/bin/python benchmarks/gradient_signal.py --rollouts 12 "reward.weights={compose_strict: 1.0}"
+    .venv/bin/python benchmarks/gradient_signal.py --rollouts 12 "reward.weights={brightness: 1.0}"
+
+`brightness` (registered here, the images' mean pixel value) is the positive control: a smooth
+reward of every pixel, whose gradient the same rollouts must show.
 
 Prints one table row per run; `--json FILE` also writes the numbers.
 """
@@ -31,7 +35,16 @@ import torch
 
 from treegrpo.config import load_config
 from treegrpo.prompts import draw_prompts, load_prompts, prompt_groups
+from treegrpo.rewards.base import register_reward
 from treegrpo.trainer import Trainer
+
+
+@register_reward("brightness")
+class Brightness:
+    """Mean pixel value of each image: smooth in every pixel (the positive control)."""
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return images.float().mean(dim=(1, 2, 3))
 
 
 def mean_pairwise_cosine(grads: torch.Tensor) -> float:
