@@ -2,6 +2,7 @@
 control keeps each prompt's advantages while breaking their tie to the edges."""
 
 import importlib.util
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -9,10 +10,16 @@ import torch
 
 from treegrpo.tree import EdgeBatch
 
-_spec = importlib.util.spec_from_file_location(
-    "gradient_signal", Path(__file__).parents[1] / "benchmarks" / "gradient_signal.py")
-gradient_signal = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gradient_signal)
+# One module object however the tests are ordered: benchmarks/matching_signal.py imports it too,
+# and a second execution would register its `brightness` reward twice.
+if "gradient_signal" in sys.modules:
+    gradient_signal = sys.modules["gradient_signal"]
+else:
+    _spec = importlib.util.spec_from_file_location(
+        "gradient_signal", Path(__file__).parents[1] / "benchmarks" / "gradient_signal.py")
+    gradient_signal = importlib.util.module_from_spec(_spec)
+    sys.modules["gradient_signal"] = gradient_signal
+    _spec.loader.exec_module(gradient_signal)
 
 
 def synthetic(rollouts: int, signal: float, dim: int = 20_000, seed: int = 0) -> torch.Tensor:
