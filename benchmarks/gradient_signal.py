@@ -63,14 +63,19 @@ def jackknife(grads: torch.Tensor) -> tuple[float, float]:
     return full, 1.96 * se
 
 
+def permuted_within_groups(values: torch.Tensor, group: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`values` [N] with each group's entries (`group` [N] long) permuted among themselves."""
+    out = values.clone()
+    for g in group.unique():
+        idx = (group == g).nonzero().squeeze(1)
+        out[idx] = values[idx[torch.randperm(idx.numel(), generator=generator)]]
+    return out
+
+
 def shuffled_within_prompts(batch, generator: torch.Generator):
     """The batch with each prompt's edge advantages permuted among that prompt's edges."""
-    adv = batch.advantage.clone()
-    edge_prompt = batch.prompt[batch.edge_node]
-    for p in edge_prompt.unique():
-        idx = (edge_prompt == p).nonzero().squeeze(1)
-        adv[idx] = adv[idx[torch.randperm(idx.numel(), generator=generator)]]
-    return dataclasses.replace(batch, advantage=adv)
+    return dataclasses.replace(batch, advantage=permuted_within_groups(batch.advantage, batch.prompt[batch.edge_node],
+                                                                       generator))
 
 
 def measure(config_path: str, overrides: list[str], prompts: list[str], rollouts: int) -> dict[str, float]:

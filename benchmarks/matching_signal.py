@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gradient_signal import jackknife  # noqa: E402  (also registers the `brightness` control reward)
+from gradient_signal import jackknife, permuted_within_groups  # noqa: E402  (also registers `brightness`)
 
+from treegrpo.advantages import normalize_by_group  # noqa: E402
 from treegrpo.config import load_config  # noqa: E402
 from treegrpo.evaluation import decode_chunked, evaluate_per_image, score_images, summarize_eval  # noqa: E402
 from treegrpo.prompts import draw_prompts, load_prompts, prompt_groups  # noqa: E402
@@ -38,10 +39,10 @@ from treegrpo.trainer import Trainer  # noqa: E402
 
 class MatchingExperiment:
     def __init__(self, config: str, overrides: list[str], beta: float, t_samples: int, shared_noise: bool) -> None:
-        self.tmp = tempfile.mkdtemp()
+        self.tmp = tempfile.TemporaryDirectory()  # the trainer's run directory; removed with the experiment
         self.cfg = load_config(config, ["log.trackers=[]", "train.progress=false", "log.tree_every=0", "optim.kl_coef=0",
                                         *overrides])
-        self.trainer = Trainer(self.cfg, Path(self.tmp) / "run")
+        self.trainer = Trainer(self.cfg, Path(self.tmp.name) / "run")
         self.policy, self.sigmas = self.trainer.policy, self.trainer.schedule.sigmas
         self.beta, self.t_samples, self.shared_noise = beta, t_samples, shared_noise
         self.generator = torch.Generator().manual_seed(1)
@@ -61,11 +62,7 @@ class MatchingExperiment:
         scores = score_images(images, [prompts[int(i)] for i in tree.leaf_prompt],
                               {n: tr.rewards[n] for n in cfg.reward.weights}, cfg.train.max_batch)
         reward = tr._weighted(scores)
-        adv = torch.zeros_like(reward)
-        for p in tree.leaf_prompt.unique():
-            m = tree.leaf_prompt == p
-            adv[m] = (reward[m] - reward[m].mean()) / (reward[m].std(unbiased=False) + 1e-4)
-        return tree.leaves, tree.leaf_prompt, cond, adv, reward
+        return tree.leaves, tree.leaf_prompt, cond, normalize_by_group(reward, tree.leaf_prompt, eps=1e-4), reward
 
     def backward(self, x0: torch.Tensor, prompt: torch.Tensor, cond, adv: torch.Tensor) -> float:
         """Accumulate the loss's gradient (t_samples draws of (t, eps)); returns the loss."""
@@ -107,7 +104,8 @@ class MatchingExperiment:
 def signal(args) -> dict:
     pool = load_prompts("train")
     fixed = draw_prompts(pool, 8, torch.Generator().manual_seed(0), prompt_groups(pool, "template"))
-    prompt_file = Path(tempfile.mkdtemp()) / "prompts.txt"
+    prompt_dir = tempfile.TemporaryDirectory()
+    prompt_file = Path(prompt_dir.name) / "prompts.txt"
     prompt_file.write_text("\n".join(fixed) + "\n")
     exp = MatchingExperiment(args.config, [f"train.prompts={prompt_file}", f"eval.prompts={prompt_file}",
                                            "train.prompt_balance=none", "train.prompts_per_iteration=8", *args.overrides],
@@ -115,10 +113,7 @@ def signal(args) -> dict:
     grads, control = [], []
     for k in range(args.rollouts):
         x0, prompt, cond, adv, reward = exp.leaves()
-        shuffled = adv.clone()
-        for p in prompt.unique():
-            idx = (prompt == p).nonzero().squeeze(1)
-            shuffled[idx] = adv[idx[torch.randperm(idx.numel(), generator=exp.generator)]]
+        shuffled = permuted_within_groups(adv, prompt, exp.generator)
         for a, out in ((adv, grads), (shuffled, control)):
             for p in exp.trainer.params:
                 p.grad = None
