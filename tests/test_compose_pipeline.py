@@ -148,3 +148,36 @@ def test_the_default_cli_run_is_the_compositional_world(tmp_path, capsys):
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert first["iteration"] == 0 and "eval/acc/strict" in first and "train/compose_mean" not in first
     assert (run / "transformer" / "config.json").is_file()  # full fine-tuning's weights, loadable by diffusers
+
+
+def test_miscaptioned_scenes_break_exactly_the_compositional_part():
+    """A mis-captioned render fails its caption and passes the caption of what it shows: colours
+    swapped, one object too few or many, relation reversed; single objects are never mis-captioned.
+    The share of mis-captioned scenes in a pretraining batch follows `caption_noise`."""
+    import random
+
+    from treegrpo.worlds.compose import parse_prompt, render_scenes, sample_scene
+    from treegrpo.worlds.compose_pipeline import miscaptioned, sample_batch
+
+    rng = random.Random(0)
+    prompts = ["a red circle and a blue square", "three green triangles", "two cyan squares", "four yellow circles",
+               "a magenta triangle above a blue circle", "a red square to the left of a green square"]
+    shown = [miscaptioned(parse_prompt(p), rng) for p in prompts]
+    assert shown[0].text == "a blue circle and a red square"
+    assert [len(s.objects) for s in shown[1:4]] in ([2, 1, 3], [4, 1, 3], [2, 3, 3], [4, 3, 3])
+    assert shown[4].relation == "below" and shown[5].relation == "to the right of"
+    assert miscaptioned(parse_prompt("a red circle"), rng) == parse_prompt("a red circle")
+    images = render_scenes([sample_scene(s, rng) for s in shown])
+    _, wrong = verdicts(images, prompts)
+    _, right = verdicts(images, [s.text for s in shown])
+    assert wrong.sum() == 0 and right.all()
+
+    def clean_share(noise: float) -> float:
+        texts, images = sample_batch(200, random.Random(1), caption_noise=noise)
+        _, ok = verdicts(images, texts)
+        single = torch.tensor([parse_prompt(t).template == "single" for t in texts])
+        return float(ok[~single].float().mean())
+
+    assert clean_share(0.0) == 1.0
+    assert 0.45 < clean_share(0.4) < 0.75  # 0.6 expected among the other templates
+

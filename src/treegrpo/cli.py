@@ -249,7 +249,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         kwargs = {"stages": ((args.steps, args.lr or 5e-4),)} if args.steps else {}
         if args.init:
             kwargs.setdefault("stages", ((3000, args.lr or 5e-4),))
-        result = pretrain_compose(args.out, seed=args.seed, init=args.init, progress=not args.quiet, **kwargs)
+        result = pretrain_compose(args.out, seed=args.seed, init=args.init, progress=not args.quiet,
+                                  caption_noise=args.caption_noise, **kwargs)
     elif args.what == "shapes":
         from treegrpo.worlds.pretrain import pretrain_shapes
 
@@ -379,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--init", metavar="PIPELINE_DIR", help="compose: continue the denoiser's training from this "
                      "pipeline folder (e.g. src/treegrpo/assets/compose_sd3)")
     pre.add_argument("--lr", type=float, default=None, help="compose: peak learning rate of the stage (default 5e-4)")
+    pre.add_argument("--caption-noise", type=float, default=0.0, metavar="Q",
+                     help="compose: the share of training scenes whose caption is wrong about the composition "
+                     "(colours swapped, one object too few or many, relation reversed), as web captions are")
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--quiet", action="store_true")
     pre.set_defaults(func=cmd_pretrain)

@@ -32,13 +32,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from treegrpo.worlds.compose import TEMPLATES, all_specs, render_scenes, sample_scene, world_words
+from treegrpo.worlds.compose import (NUMBERS, TEMPLATES, Obj, PromptSpec, all_specs, render_scenes, sample_scene,
+                                     world_words)
 
 DEFAULT_PIPELINE = Path(__file__).resolve().parent.parent / "assets" / "compose_sd3"
 MAX_LENGTH = 16
 SHIFT = 3.0
 DEFAULTS_FILE = "treegrpo.json"  # what load_policy needs beyond the diffusers folder
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+REVERSED = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+            "below": "above"}
 
 
 def build_tokenizer(max_length: int = MAX_LENGTH):
@@ -104,12 +107,30 @@ def read_defaults(folder: str | Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ data
-def sample_batch(n: int, rng: random.Random) -> tuple[list[str], torch.Tensor]:
+def miscaptioned(spec: PromptSpec, rng: random.Random) -> PromptSpec:
+    """What the picture shows when its caption is wrong about the composition, as web captions often
+    are: two objects with their colours swapped (attribute binding), one object too few or too many
+    (counting, kept within 1..4), the relation reversed (position). Single-object captions stay right."""
+    if spec.template == "two":
+        a, b = spec.objects
+        return PromptSpec("two", (Obj(b.colour, a.shape), Obj(a.colour, b.shape)))
+    if spec.template == "count":
+        n = len(spec.objects)
+        m = rng.choice([k for k in (n - 1, n + 1) if 1 <= k <= max(NUMBERS.values())])
+        return PromptSpec("count" if m > 1 else "single", spec.objects[:1] * m)
+    if spec.template == "position":
+        return PromptSpec("position", spec.objects, REVERSED[spec.relation])
+    return spec
+
+
+def sample_batch(n: int, rng: random.Random, caption_noise: float = 0.0) -> tuple[list[str], torch.Tensor]:
     """n prompts (templates equally likely, prompts uniform within a template) and one rendered
-    scene each: (prompts, images [n, 3, 32, 32] in [0, 1])."""
+    scene each: (prompts, images [n, 3, 32, 32] in [0, 1]). caption_noise: the share of scenes that
+    show `miscaptioned(prompt)` instead of the prompt."""
     by_template = {t: [s for s in all_specs() if s.template == t] for t in TEMPLATES}
     specs = [rng.choice(by_template[rng.choice(TEMPLATES)]) for _ in range(n)]
-    return [s.text for s in specs], render_scenes([sample_scene(s, rng) for s in specs])
+    shown = [miscaptioned(s, rng) if rng.random() < caption_noise else s for s in specs]
+    return [s.text for s in specs], render_scenes([sample_scene(s, rng) for s in shown])
 
 
 def _log(message: str, progress: bool) -> None:
@@ -146,11 +167,12 @@ def train_vae(vae, steps: int, rng: random.Random, batch: int = 64, lr: float = 
 
 
 @torch.no_grad()
-def encode_dataset(vae, n: int, rng: random.Random, chunk: int = 500) -> tuple[list[str], torch.Tensor]:
+def encode_dataset(vae, n: int, rng: random.Random, chunk: int = 500,
+                   caption_noise: float = 0.0) -> tuple[list[str], torch.Tensor]:
     """n (prompt, VAE latent mean [4, 16, 16]) pairs of freshly rendered scenes."""
     prompts, latents = [], []
     for s in range(0, n, chunk):
-        p, images = sample_batch(min(chunk, n - s), rng)
+        p, images = sample_batch(min(chunk, n - s), rng, caption_noise)
         prompts += p
         latents.append(vae.encode(images * 2 - 1).latent_dist.mean)
     return prompts, torch.cat(latents)
@@ -227,11 +249,14 @@ SHIPPED_STAGES = ((2500, 1e-3), (3000, 5e-4))
 
 def pretrain_compose(out: str | Path, seed: int = 0, vae_steps: int = SHIPPED_VAE_STEPS,
                      stages: tuple[tuple[int, float], ...] = SHIPPED_STAGES, dataset_size: int = 60_000,
-                     init: str | Path | None = None, progress: bool = True, save_every: int = 500) -> dict[str, Any]:
+                     init: str | Path | None = None, progress: bool = True, save_every: int = 500,
+                     caption_noise: float = 0.0) -> dict[str, Any]:
     """Make the embedded pipeline into `out` (see the module docstring): from scratch, or, with `init`
     (a pipeline folder), continue the denoiser's training from it (its autoencoder kept).
 
-    stages: (steps, peak lr) of the denoiser; stage j draws its data with random.Random(seed + j)."""
+    stages: (steps, peak lr) of the denoiser; stage j draws its data with random.Random(seed + j).
+    caption_noise: the share of the denoiser's training scenes whose caption is wrong about the
+    composition (`miscaptioned`); the autoencoder's data do not depend on it."""
     out = Path(out)
     first_rng = random.Random(seed)  # the autoencoder's and stage 0's data
     if init is not None:
@@ -248,7 +273,7 @@ def pretrain_compose(out: str | Path, seed: int = 0, vae_steps: int = SHIPPED_VA
     stats: dict[str, Any] = {"out": str(out)}
     for j, (steps, lr) in enumerate(stages, start=first_stage):
         rng = first_rng if j == 0 else random.Random(seed + j)
-        prompts, latents = encode_dataset(pipe.vae, dataset_size, rng)
+        prompts, latents = encode_dataset(pipe.vae, dataset_size, rng, caption_noise=caption_noise)
         if init is None and j == 0:
             mean, std = float(latents.mean()), float(latents.std())
             pipe.vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
