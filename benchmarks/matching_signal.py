@@ -43,9 +43,10 @@ class MatchingExperiment:
         self.cfg = load_config(config, ["log.trackers=[]", "train.progress=false", "log.tree_every=0", "optim.kl_coef=0",
                                         *overrides])
         self.trainer = Trainer(self.cfg, Path(self.tmp.name) / "run")
-        self.policy, self.sigmas = self.trainer.policy, self.trainer.schedule.sigmas
+        self.policy, self.sigmas, self.times = self.trainer.policy, self.trainer.schedule.sigmas, self.trainer.schedule.times
         self.beta, self.t_samples, self.shared_noise = beta, t_samples, shared_noise
         self.generator = torch.Generator().manual_seed(1)
+        self.conditional = False
 
     def leaves(self):
         """One TreeGRPO rollout: leaf latents [L, ...], their prompt index [L], cond, advantages [L], rewards [L]."""
@@ -75,18 +76,29 @@ class MatchingExperiment:
         pick = prompt if self.shared_noise else torch.arange(x0.shape[0])
         total = 0.0
         for _ in range(self.t_samples):
-            t = self.sigmas[torch.randint(0, len(self.sigmas) - 1, (n,), generator=self.generator)][pick]
+            step = torch.randint(0, len(self.times), (n,), generator=self.generator)[pick]
             eps = torch.randn((n, *x0.shape[1:]), generator=self.generator)[pick]
-            tb = t.view(-1, *([1] * (x0.ndim - 1)))
+            tb = self.sigmas[step].view(-1, *([1] * (x0.ndim - 1)))
             xt, target = (1 - tb) * x0 + tb * eps, eps - x0
+            # the model's time input is the schedule's time of that step (SD3: 1000 sigma), not sigma
             with torch.no_grad():
-                v_old = self.policy.predict(xt, t, cond, prompt)
-            v = self.policy.predict(xt, t, cond, prompt)
+                v_old = self.velocity(xt, self.times[step], cond, prompt)
+            v = self.velocity(xt, self.times[step], cond, prompt)
             v_pos, v_neg = (1 - self.beta) * v_old + self.beta * v, (1 + self.beta) * v_old - self.beta * v
             loss = (r * (v_pos - target) ** 2 + (1 - r) * (v_neg - target) ** 2).mean() / self.t_samples
             loss.backward()
             total += float(loss.detach())
         return total
+
+    def velocity(self, x, times, cond, prompt):
+        """The guided velocity (as sampled), or with `conditional` the conditional branch alone."""
+        if not self.conditional:
+            return self.policy.predict(x, times, cond, prompt)
+        scale, self.policy.guidance_scale = self.policy.guidance_scale, 1.0  # u + 1 (c - u) = c
+        try:
+            return self.policy.predict(x, times, cond, prompt)
+        finally:
+            self.policy.guidance_scale = scale
 
     def flat_grad(self) -> torch.Tensor:
         return torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.detach().flatten().clone()
@@ -110,6 +122,7 @@ def signal(args) -> dict:
     exp = MatchingExperiment(args.config, [f"train.prompts={prompt_file}", f"eval.prompts={prompt_file}",
                                            "train.prompt_balance=none", "train.prompts_per_iteration=8", *args.overrides],
                              args.beta, args.t_samples, not args.independent_noise)
+    exp.conditional = args.conditional
     grads, control = [], []
     for k in range(args.rollouts):
         x0, prompt, cond, adv, reward = exp.leaves()
@@ -129,6 +142,7 @@ def signal(args) -> dict:
 def learn(args) -> dict:
     exp = MatchingExperiment(args.config, [f"optim.lr={args.lr}", *args.overrides], args.beta, args.t_samples,
                              not args.independent_noise)
+    exp.conditional = args.conditional
     evals = [{"iteration": 0, **exp.evaluate()}]
     print(json.dumps(evals[-1]), flush=True)
     for it in range(1, args.iterations + 1):
@@ -155,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--t-samples", type=int, default=4, help="(t, eps) draws per leaf per step")
     ap.add_argument("--independent-noise", action="store_true", help="a (t, eps) per leaf, not one per prompt")
+    ap.add_argument("--conditional", action="store_true", help="train the conditional velocity, not the guided one")
     ap.add_argument("--rollouts", type=int, default=12)
     ap.add_argument("--iterations", type=int, default=40)
     ap.add_argument("--eval-every", type=int, default=20)
