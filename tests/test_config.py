@@ -30,10 +30,17 @@ def test_yaml_file_then_overrides(tmp_path):
     ("method.name=ppo", "method.name must be one of"),
     ("train.progress=maybe", "expected true or false"),
     ("iterations=3", "must be section.key"),
+    ("optim.objective=nft", "optim.objective must be policy_gradient or flow_matching"),
+    ("optim.matching_draws=0", "optim.matching_draws must be >= 1"),
 ])
 def test_bad_keys_and_values_fail_with_a_clear_message(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_flow_matching_refuses_the_policy_gradients_step_weights():
+    with pytest.raises(ConfigError, match="step_weight weighs the policy-gradient objective"):
+        load_config(None, ["optim.objective=flow_matching", "optim.step_weight=gain"])
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -109,3 +109,31 @@ def test_step_weights_gain_cancels_the_steps_gradient_gain():
         step_weights(steps, "gain")
     with pytest.raises(ValueError, match="step weight mode"):
         step_weights(steps, "depth")
+
+
+def test_flow_matching_loss_gradient_is_the_centred_advantage_pull():
+    """At v = v_old the gradient of DiffusionNFT's loss is 2 beta (2r - 1)(v_old - target) / numel
+    per element; r = 1/2 gives none, whatever the target; the drift term adds 2 kl (v - v_ref) / numel."""
+    from treegrpo.loss import flow_matching_loss, matching_weights
+
+    torch.manual_seed(0)
+    v_old, target, v_ref = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
+    r = torch.tensor([0.9, 0.1, 0.5, 0.7])
+    for beta in (1.0, 0.3):
+        v = v_old.clone().requires_grad_(True)
+        flow_matching_loss(v, v_old, target, r, beta).loss.backward()
+        expected = 2 * beta * (2 * r.view(-1, 1) - 1) * (v_old - target) / v.numel()
+        torch.testing.assert_close(v.grad, expected)
+    v = v_old.clone().requires_grad_(True)
+    out = flow_matching_loss(v, v_old, target, r, 1.0, v_ref=v_ref, kl_coef=0.5)
+    out.loss.backward()
+    expected = 2 * (2 * r.view(-1, 1) - 1) * (v_old - target) / 12 + 2 * 0.5 * (v_old - v_ref) / 12
+    torch.testing.assert_close(v.grad, expected)
+    assert out.stats["velocity_drift"] > 0
+
+    adv = torch.tensor([3.0, -1.0, 0.0, 0.5, float("nan"), 2.0])
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    mask = torch.tensor([True, True, True, True, False, True])
+    w = matching_weights(torch.nan_to_num(adv), group, mask)
+    # group 0: clipped to [1, -1, 0], centred -> [1, -1, 0]; group 1: [0.5, 1] -> [-0.25, 0.25]; masked 0.5
+    torch.testing.assert_close(w, torch.tensor([1.0, 0.0, 0.5, 0.375, 0.5, 0.625]))

@@ -81,3 +81,20 @@ def test_the_fixes_still_follow_the_reward_and_change_the_update(tmp_path, fix):
         moved[name] = float(policy.gain.detach()) - 1.0
     assert moved[fix] * direction > 0.01, f"{fix} moved the gain by {moved[fix]:+.4f}"
     assert moved[fix] != moved["plain"]  # the option reaches the update
+
+
+@pytest.mark.parametrize("reward", ["test_spread", "test_narrow"])
+def test_the_flow_matching_objective_follows_the_reward(tmp_path, reward):
+    """optim.objective=flow_matching (DiffusionNFT's loss on TreeGRPO's leaves) moves the gain the
+    way the reward rises, as the policy gradient does."""
+    direction = _better_direction(reward)
+    config = load_config(None, [
+        "method.name=treegrpo", "method.window=2", "method.k=3", "optim.objective=flow_matching",
+        f"reward.weights={{{reward}: 1.0}}", f"reward.eval=[{reward}]", "optim.lr=0.02", "optim.kl_coef=0",
+        "train.iterations=6", "train.prompts_per_iteration=4", "train.progress=false",
+        "eval.every=0", "eval.num_seeds=1", "eval.grid_prompts=2", "train.checkpoint_every=0", "model.family=analytic",
+    ])
+    policy = GaussianPolicy(data_std=0.5, latent_shape=(1, 4, 4))
+    Trainer(config, tmp_path / "run", policy=policy, train_prompts=["p0", "p1", "p2", "p3"]).train()
+    moved = float(policy.gain.detach()) - 1.0
+    assert moved * direction > 0.01, f"flow matching moved the gain by {moved:+.4f} for {reward}"

@@ -130,6 +130,15 @@ class OptimConfig:
     # evaluation, the LoRA export RUN_DIR/lora and `sample` / `eval --checkpoint` use it; training
     # goes on with the raw weights. Kept in fp32 beside them (one more copy of the trainable weights).
     ema_decay: float = 0.0
+    # What the rollout's rewards train: "policy_gradient" (the clipped per-edge surrogate of SPEC.md
+    # section 5, every method's own) or "flow_matching" (DiffusionNFT's advantage-weighted
+    # flow-matching loss on the leaves, `treegrpo.loss.flow_matching_loss`: no log-probs, so
+    # clip_range, adv_clip, step_weight, kl_per_edge and recompute_old_log_probs do not enter;
+    # kl_coef then weighs mean |v - v_base|^2, the velocity's drift from the base model).
+    objective: str = "policy_gradient"
+    matching_beta: float = 1.0  # DiffusionNFT's beta: how far v+ / v- lie from v_old along v - v_old
+    matching_draws: int = 4  # (step, noise) draws per prompt per iteration, shared by its leaves
+    matching_guidance: bool = True  # train the guided velocity as sampled; false: the conditional branch alone
 
 
 @dataclass
@@ -321,6 +330,11 @@ def validate(config: Config) -> None:
         (m.std_floor >= 0, f"method.std_floor must be >= 0 (0 = no floor), got {m.std_floor}"),
         (m.edge_baseline in ("none", "parent"), f"method.edge_baseline must be none or parent, got {m.edge_baseline!r}"),
         (o.step_weight in ("none", "level", "gain", "level_gain"), f"optim.step_weight must be none, level, gain or level_gain, got {o.step_weight!r}"),
+        (o.objective in ("policy_gradient", "flow_matching"), f"optim.objective must be policy_gradient or flow_matching, got {o.objective!r}"),
+        (o.objective != "flow_matching" or o.step_weight == "none",
+         "optim.step_weight weighs the policy-gradient objective's steps; with optim.objective=flow_matching set it to none"),
+        (o.matching_beta > 0, f"optim.matching_beta must be > 0, got {o.matching_beta}"),
+        (o.matching_draws >= 1, f"optim.matching_draws must be >= 1, got {o.matching_draws}"),
         (0 <= m.window_explore <= 1, f"method.window_explore must be in [0, 1], got {m.window_explore}"),
         (0 <= m.window_decay < 1, f"method.window_decay must be in [0, 1), got {m.window_decay}"),
         (0 < m.prune_keep <= 1, f"method.prune_keep must be in (0, 1] (1 = no pruning), got {m.prune_keep}"),

@@ -127,3 +127,44 @@ def surrogate_stats(log_prob: torch.Tensor, old_log_prob: torch.Tensor, ratio: t
         "ratio_min": float(r.min()),
         "ratio_max": float(r.max()),
     }
+
+
+def matching_weights(advantage: torch.Tensor, group: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The flow-matching objective's r [L] in [0, 1] from leaf advantages [L] (groups `group` [L]):
+    clipped to [-1, 1], centred per group after clipping (else the plain flow-matching pull on all
+    leaves dominates the gradient), r = (1 + a) / 2. Masked-out leaves get r = 0.5 (no pull)."""
+    keep = torch.ones_like(advantage, dtype=torch.bool) if mask is None else mask.bool()
+    a = torch.where(keep, advantage.float().clamp(-1, 1), torch.zeros_like(advantage, dtype=torch.float32))
+    n = int(group.max()) + 1 if group.numel() else 0
+    count = torch.zeros(n).index_add_(0, group, keep.float()).clamp(min=1)
+    mean = torch.zeros(n).index_add_(0, group, a) / count
+    a = torch.where(keep, a - mean[group], torch.zeros_like(a))
+    return 0.5 + 0.5 * a
+
+
+def flow_matching_loss(v: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor, r: torch.Tensor, beta: float,
+                       v_ref: torch.Tensor | None = None, kl_coef: float = 0.0) -> LossOutput:
+    """DiffusionNFT's advantage-weighted flow-matching loss (arXiv 2509.16117) on leaves.
+
+    v: the model's velocity [B, ...] at forward-noised leaves; v_old: the rollout policy's (detached);
+    target: eps - x0; r: [B] weights in [0, 1] (`matching_weights`). With v+ = (1 - beta) v_old +
+    beta v and v- = (1 + beta) v_old - beta v the loss is the mean of
+    r |v+ - target|^2 + (1 - r) |v- - target|^2: leaves above their prompt's mean pull v+ towards
+    them, those below push v- (so v moves away). Its gradient at v = v_old is 2 beta (2r - 1)(v_old -
+    target) dv: with centred r it has no plain flow-matching part. v_ref, kl_coef: an added
+    kl_coef * mean |v - v_ref|^2 to the reference (base) model's velocity."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    v_old = v_old.detach()
+    w = r.view(-1, *([1] * (v.ndim - 1))).to(v)
+    v_pos = (1 - beta) * v_old + beta * v
+    v_neg = (1 + beta) * v_old - beta * v
+    per_row = (w * (v_pos - target) ** 2 + (1 - w) * (v_neg - target) ** 2).flatten(1).mean(dim=1)
+    loss = per_row.mean()
+    stats = {"matching_loss": float(loss.detach())}
+    if v_ref is not None and kl_coef > 0:
+        drift = ((v - v_ref.detach()) ** 2).flatten(1).mean(dim=1).mean()
+        loss = loss + kl_coef * drift
+        stats["velocity_drift"] = float(drift.detach())
+    stats["loss"] = float(loss.detach())
+    return LossOutput(loss, stats)

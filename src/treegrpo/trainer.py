@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from treegrpo.advantages import backup, tree_advantages
+from treegrpo.advantages import backup, normalize_by_group, tree_advantages
 from treegrpo.checkpoint import (EMA_WEIGHTS, WEIGHTS, CheckpointError, CheckpointWriteError, load_state, load_weights,
                                  resume_checkpoint, save_checkpoint)
 from treegrpo.config import Config, ConfigError, check_resume_config, save_config
@@ -48,7 +48,7 @@ from treegrpo.ema import EMA
 from treegrpo.evaluation import (accuracy_kind, decode_chunked, evaluate_per_image, image_grid, ode_sample, save_image,
                                  score_images, side_by_side,
                                  summarize_eval)
-from treegrpo.loss import kl_to_reference, policy_loss, step_weights
+from treegrpo.loss import flow_matching_loss, kl_to_reference, matching_weights, policy_loss, step_weights
 from treegrpo.methods import Method
 from treegrpo.memory import PeakMemory
 from treegrpo.policies import Policy, build_policy, enable_prompt_cache, load_trainable_state_dict, trainable_state_dict
@@ -379,7 +379,11 @@ class Trainer:
         # One decision for all ranks: a rank whose leaves are all masked still trains (its
         # advantages are 0), as one process holding all prompts would.
         if any_rank(self.accelerator, bool(finite.any())):
-            stats, train_calls = self._update(batch, cond, streams)
+            if c.optim.objective == "flow_matching":
+                stats, train_calls = self._update_matching(tree.leaves, tree.leaf_prompt, weighted, finite, cond,
+                                                           streams)
+            else:
+                stats, train_calls = self._update(batch, cond, streams)
             record.update(stats)
         record["model_calls/rollout"] = float(tree.num_model_calls)
         record["model_calls/train"] = float(train_calls)
@@ -499,6 +503,83 @@ class Trainer:
         if "train/ratio_min" in stats:
             stats["train/ratio_min"] = min(v for v, _ in totals["ratio_min"])
             stats["train/ratio_max"] = max(v for v, _ in totals["ratio_max"])
+        return stats, calls
+
+    def _velocity(self, policy: Any, x: torch.Tensor, times: torch.Tensor, cond: Any, prompt: torch.Tensor) -> torch.Tensor:
+        """The velocity the flow-matching objective trains: guided as sampled, or with
+        optim.matching_guidance=false the conditional branch alone (guidance scale 1)."""
+        if self.config.optim.matching_guidance or not hasattr(policy, "guidance_scale"):
+            return policy.predict(x, times, cond, prompt)
+        scale, policy.guidance_scale = policy.guidance_scale, 1.0  # u + 1 (c - u) = c, one branch
+        try:
+            return policy.predict(x, times, cond, prompt)
+        finally:
+            policy.guidance_scale = scale
+
+    def _update_matching(self, leaves: torch.Tensor, leaf_prompt: torch.Tensor, reward: torch.Tensor,
+                         finite: torch.Tensor, cond: Any, streams: list[torch.Generator]) -> tuple[dict[str, float], int]:
+        """optim.objective=flow_matching: DiffusionNFT's loss (`flow_matching_loss`) on the leaves.
+
+        Leaf advantages are the rewards standardised per prompt (as TreeGRPO's leaves). Each of
+        optim.matching_draws draws picks one schedule step and one noise per prompt, shared by its
+        leaves: the noise's part of the gradient then cancels between a prompt's leaves, whose
+        weights are centred. Prompts split into optim.minibatches optimiser steps (prompt p in
+        minibatch p mod m); v_old is the rollout policy's velocity at the same inputs."""
+        o, sched = self.config.optim, self.schedule
+        r_all = matching_weights(normalize_by_group(reward, leaf_prompt, eps=1e-4, mask=finite), leaf_prompt, finite)
+        rows = finite.nonzero().squeeze(1)
+        x0, group, r = leaves[rows].float(), leaf_prompt[rows], r_all[rows]
+        xs, times, targets, prompts, weights = [], [], [], [], []
+        for _ in range(o.matching_draws):
+            step = torch.stack([torch.randint(0, len(sched.times), (1,), generator=s) for s in streams]).view(-1)
+            eps = torch.stack([torch.randn(leaves.shape[1:], generator=s) for s in streams])
+            sigma = sched.sigmas[step[group]].view(-1, *([1] * (x0.ndim - 1))).to(x0)
+            noise = eps[group].to(x0)
+            xs.append((1 - sigma) * x0 + sigma * noise)
+            targets.append(noise - x0)
+            times.append(sched.times[step[group]])  # the model's time input (SD3: 1000 sigma)
+            prompts.append(group)
+            weights.append(r)
+        x, t, target, prompt, w = (torch.cat(v) for v in (xs, times, targets, prompts, weights))
+        size, calls = self.config.train.max_batch, 0
+        minibatches = [(prompt % o.minibatches == j).nonzero().squeeze(1) for j in range(o.minibatches)]
+        minibatches = [mb for mb in minibatches if mb.numel()]
+        v_old: torch.Tensor | None = None
+        if o.minibatches * o.epochs > 1:  # later steps need the rollout policy's velocity, not the current one
+            with torch.no_grad():
+                v_old = torch.cat([self._velocity(self.policy, x[s:s + size], t[s:s + size], cond, prompt[s:s + size])
+                                   for s in range(0, x.shape[0], size)])
+            calls += x.shape[0]
+        totals: dict[str, list[tuple[float, float]]] = {}
+        for _ in range(o.epochs):
+            for mb in minibatches:
+                self.optimizer.zero_grad(set_to_none=True)
+                chunks = [mb[s:s + size] for s in range(0, mb.numel(), size)]
+                for n, idx in enumerate(chunks):
+                    sync = n == len(chunks) - 1
+                    with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
+                        v = self._velocity(self.policy, x[idx], t[idx], cond, prompt[idx])
+                        v_ref = None
+                        if o.kl_coef > 0 and self.reference is not None:
+                            with torch.no_grad():
+                                v_ref = self._velocity(self.reference, x[idx], t[idx], cond, prompt[idx])
+                        out = flow_matching_loss(v, v.detach() if v_old is None else v_old[idx].to(v), target[idx].to(v),
+                                                 w[idx], o.matching_beta, v_ref=v_ref, kl_coef=o.kl_coef)
+                        self.accelerator.backward(out.loss * idx.numel() / mb.numel())
+                    calls += idx.numel()
+                    for k, val in out.stats.items():
+                        totals.setdefault(k, []).append((val, idx.numel()))
+                grad_norm = self.accelerator.clip_grad_norm_(self.params, o.grad_clip)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2 on CPU: a DTensor (replicated)
+                    grad_norm = grad_norm.full_tensor()
+                totals.setdefault("grad_norm", []).append((float(grad_norm), 1))
+                if not math.isfinite(float(grad_norm)):
+                    raise FloatingPointError("non-finite gradient; lower optim.lr or check the rewards")
+                self.optimizer.step()
+                self.lr_schedule.step()
+                if self.ema is not None:
+                    self.ema.update()
+        stats = {f"train/{k}": sum(v * wt for v, wt in vw) / sum(wt for _, wt in vw) for k, vw in totals.items()}
         return stats, calls
 
     # ------------------------------------------------------------------ eval, logs, checkpoints
