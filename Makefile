@@ -44,7 +44,7 @@ test: $(STAMP) browser
 # HTML report (its path is printed last).
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
-	$(BIN)/treegrpo train --output-dir $(DEMO_DIR)
+	$(BIN)/treegrpo train configs/compose_treegrpo.yaml --output-dir $(DEMO_DIR)
 	$(BIN)/treegrpo report $(DEMO_DIR)
 
 # Every method under an equal 120 s training budget, 3 seeds, on the compositional world (each run:

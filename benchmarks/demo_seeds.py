@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/demo_seeds.py --seeds 0 1 2 [--out runs/demo_seeds] [extra section.key=value ...]
 
-Each seed is a full `treegrpo train` run (default config, `train.seed=S`); the table reads each run's
+Each seed is a full `treegrpo train` run (the demo's config, `train.seed=S`); the table reads each run's
 summary.json (held-out ODE samples: the 300 held-out prompts x eval.num_seeds held-out seeds):
 strict accuracy overall (the mean of its templates) and per template, and the partial-credit reward.
 """
@@ -22,6 +22,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/demo_seeds")
+    parser.add_argument("--config", default="configs/compose_treegrpo.yaml", help="the demo's config (`make demo`'s)")
     parser.add_argument("--skip-existing", action="store_true", help="reuse finished runs (their summary.json)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -29,7 +30,7 @@ def main() -> int:
     for seed in args.seeds:
         run = Path(args.out) / f"seed{seed}"
         if not (args.skip_existing and (run / "summary.json").is_file()):
-            cmd = [sys.executable, "-m", "treegrpo.cli", "train", f"train.seed={seed}", *args.overrides,
+            cmd = [sys.executable, "-m", "treegrpo.cli", "train", args.config, f"train.seed={seed}", *args.overrides,
                    "--output-dir", str(run), "--quiet"]
             subprocess.run(cmd, check=True)
         rows.append((seed, json.loads((run / "summary.json").read_text())))

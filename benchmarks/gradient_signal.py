@@ -118,7 +118,7 @@ def measure(config_path: str, overrides: list[str], prompts: list[str], rollouts
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("overrides", nargs="*", help="config overrides of the measured setting (key=value)")
-    ap.add_argument("--config", default="configs/compose_treegrpo.yaml")
+    ap.add_argument("--config", default="configs/compose_policy_gradient.yaml")
     ap.add_argument("--prompts", default="", help="prompt file; default: 8 training prompts, two per template")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--rollouts", type=int, default=12)

@@ -92,7 +92,7 @@ def test_a_trained_runs_transformer_loads_back_into_a_plain_pipeline(tmp_path):
     config = load_config("configs/compose_treegrpo.yaml", [
         "method.k=2", "method.window=2", f"train.prompts={prompts}", f"eval.prompts={prompts}", "eval.num_seeds=1",
         "eval.grid_prompts=2", "train.iterations=1", "train.prompts_per_iteration=2", "train.progress=false",
-        "optim.lr=1e-3", "optim.clip_range=0.2", "log.trackers=[]"])
+        "optim.lr=1e-3", "optim.ema_decay=0", "log.trackers=[]"])  # raw weights exported (EMA: tests/test_ema.py)
     trainer = Trainer(config, tmp_path / "run")
     before = {n: p.detach().clone() for n, p in trainer.policy.trainable_module().named_parameters()}
     summary = trainer.train()
@@ -181,3 +181,32 @@ def test_miscaptioned_scenes_break_exactly_the_compositional_part():
     assert clean_share(0.0) == 1.0
     assert 0.45 < clean_share(0.4) < 0.75  # 0.6 expected among the other templates
 
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_flow_matching_trains_the_conditional_velocity_when_asked(tmp_path, lora):
+    """optim.matching_guidance=false: the objective's velocity is the conditional branch alone (the
+    guided one otherwise), for the policy and for its KL reference, with full weights and LoRA."""
+    from treegrpo.config import load_config
+    from treegrpo.trainer import Trainer
+
+    overrides = ["optim.objective=flow_matching", "optim.kl_coef=0.1", "log.trackers=[]", "train.progress=false"]
+    if lora:
+        overrides += ["model.lora_rank=2"]
+    trainers = {g: Trainer(load_config("configs/compose_treegrpo.yaml", [*overrides, f"optim.matching_guidance={g}"]),
+                           tmp_path / f"run_{g}") for g in ("true", "false")}
+    policy = trainers["true"].policy
+    cond = policy.encode_prompts(PROMPTS)
+    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    t, prompt = trainers["true"].schedule.times[[2, 5]], torch.tensor([0, 1])
+    with torch.no_grad():
+        guided = policy.predict(x, t, cond, prompt)
+        scale, policy.guidance_scale = policy.guidance_scale, 1.0
+        conditional = policy.predict(x, t, cond, prompt)
+        policy.guidance_scale = scale
+        for g, want in (("true", guided), ("false", conditional)):
+            tr = trainers[g]
+            torch.testing.assert_close(tr._velocity(tr.policy, x, t, tr.policy.encode_prompts(PROMPTS), prompt), want)
+            torch.testing.assert_close(tr._velocity(tr.reference, x, t, tr.policy.encode_prompts(PROMPTS), prompt), want)
+    assert (guided - conditional).abs().max() > 1e-3
+    assert trainers["false"].policy.guidance_scale == scale  # restored

@@ -508,13 +508,14 @@ class Trainer:
     def _velocity(self, policy: Any, x: torch.Tensor, times: torch.Tensor, cond: Any, prompt: torch.Tensor) -> torch.Tensor:
         """The velocity the flow-matching objective trains: guided as sampled, or with
         optim.matching_guidance=false the conditional branch alone (guidance scale 1)."""
-        if self.config.optim.matching_guidance or not hasattr(policy, "guidance_scale"):
+        owner = policy.policy if isinstance(policy, BaseModelView) else policy  # LoRA's reference: the same policy
+        if self.config.optim.matching_guidance or not hasattr(owner, "guidance_scale"):  # no CFG (analytic)
             return policy.predict(x, times, cond, prompt)
-        scale, policy.guidance_scale = policy.guidance_scale, 1.0  # u + 1 (c - u) = c, one branch
+        scale, owner.guidance_scale = owner.guidance_scale, 1.0  # u + 1 (c - u) = c, one branch
         try:
             return policy.predict(x, times, cond, prompt)
         finally:
-            policy.guidance_scale = scale
+            owner.guidance_scale = scale
 
     def _update_matching(self, leaves: torch.Tensor, leaf_prompt: torch.Tensor, reward: torch.Tensor,
                          finite: torch.Tensor, cond: Any, streams: list[torch.Generator]) -> tuple[dict[str, float], int]:
