@@ -30,6 +30,8 @@ def experiment(shared_noise: bool, dim: int = 6) -> "matching_signal.MatchingExp
     torch.manual_seed(0)
     exp.policy = LinearVelocity(dim)
     exp.sigmas = torch.linspace(1, 0, 11)
+    exp.times = 1000 * exp.sigmas[:-1]  # SD3's time input for each step
+    exp.conditional = False
     exp.beta, exp.t_samples, exp.shared_noise = 1.0, 3, shared_noise
     exp.generator = torch.Generator().manual_seed(1)
     return exp
