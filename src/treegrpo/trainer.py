@@ -489,21 +489,25 @@ class Trainer:
                         totals.setdefault(k, []).append((v, chunk.num_nodes))
                     if "first_ratio_dev" not in totals:  # on-policy check: 0 when old log-probs match
                         totals["first_ratio_dev"] = [(max(abs(out.stats["ratio_min"] - 1), abs(out.stats["ratio_max"] - 1)), 1)]
-                grad_norm = self.accelerator.clip_grad_norm_(self.params, o.grad_clip)
-                if hasattr(grad_norm, "full_tensor"):  # FSDP2 on CPU: a DTensor (replicated)
-                    grad_norm = grad_norm.full_tensor()
-                totals.setdefault("grad_norm", []).append((float(grad_norm), 1))
-                if not math.isfinite(float(grad_norm)):
-                    raise FloatingPointError("non-finite gradient; lower optim.lr or check the rewards")
-                self.optimizer.step()
-                self.lr_schedule.step()
-                if self.ema is not None:
-                    self.ema.update()
+                self._optimizer_step(totals)
         stats = {f"train/{k}": sum(v * w for v, w in vw) / sum(w for _, w in vw) for k, vw in totals.items()}
         if "train/ratio_min" in stats:
             stats["train/ratio_min"] = min(v for v, _ in totals["ratio_min"])
             stats["train/ratio_max"] = max(v for v, _ in totals["ratio_max"])
         return stats, calls
+
+    def _optimizer_step(self, totals: dict[str, list[tuple[float, float]]]) -> None:
+        """Clip the accumulated gradient (its norm goes into `totals`), step, and update the EMA."""
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, self.config.optim.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 on CPU: a DTensor (replicated)
+            grad_norm = grad_norm.full_tensor()
+        totals.setdefault("grad_norm", []).append((float(grad_norm), 1))
+        if not math.isfinite(float(grad_norm)):
+            raise FloatingPointError("non-finite gradient; lower optim.lr or check the rewards")
+        self.optimizer.step()
+        self.lr_schedule.step()
+        if self.ema is not None:
+            self.ema.update()
 
     def _velocity(self, policy: Any, x: torch.Tensor, times: torch.Tensor, cond: Any, prompt: torch.Tensor) -> torch.Tensor:
         """The velocity the flow-matching objective trains: guided as sampled, or with
@@ -570,16 +574,7 @@ class Trainer:
                     calls += idx.numel()
                     for k, val in out.stats.items():
                         totals.setdefault(k, []).append((val, idx.numel()))
-                grad_norm = self.accelerator.clip_grad_norm_(self.params, o.grad_clip)
-                if hasattr(grad_norm, "full_tensor"):  # FSDP2 on CPU: a DTensor (replicated)
-                    grad_norm = grad_norm.full_tensor()
-                totals.setdefault("grad_norm", []).append((float(grad_norm), 1))
-                if not math.isfinite(float(grad_norm)):
-                    raise FloatingPointError("non-finite gradient; lower optim.lr or check the rewards")
-                self.optimizer.step()
-                self.lr_schedule.step()
-                if self.ema is not None:
-                    self.ema.update()
+                self._optimizer_step(totals)
         stats = {f"train/{k}": sum(v * wt for v, wt in vw) / sum(wt for _, wt in vw) for k, vw in totals.items()}
         return stats, calls
 
