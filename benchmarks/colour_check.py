@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from treegrpo.worlds.compose import BACKGROUND, COLOURS, TEMPLATES, parse_prompt
+from treegrpo.worlds.compose import BACKGROUND, COLOURS, TEMPLATES, _relation_holds, parse_prompt
 
 NEAR = 0.25
 MIN_PIXELS = 6
+MARGIN = 2.0  # px between centroids on the relation's axis (the world's relation, GenEval's margin)
 
 
 def objects(image: np.ndarray) -> list[tuple[str, float, float]]:
@@ -70,16 +71,11 @@ def passes(prompt: str, found: list[tuple[str, float, float]]) -> bool:
     a, b = spec.objects
     if a.colour == b.colour:  # same colour: either object may be the subject
         (_, x1, y1), (_, x2, y2) = found
-        return any(_holds(p, q, spec.relation) for p, q in (((x1, y1), (x2, y2)), ((x2, y2), (x1, y1))))
+        first, second = (x1, y1), (x2, y2)
+        return _relation_holds(first, second, spec.relation, MARGIN) or _relation_holds(second, first, spec.relation, MARGIN)
     pa = next((x, y) for c, x, y in found if c == a.colour)
     pb = next((x, y) for c, x, y in found if c == b.colour)
-    return _holds(pa, pb, spec.relation)
-
-
-def _holds(a, b, relation: str) -> bool:
-    margin = {"to the left of": b[0] - a[0], "to the right of": a[0] - b[0], "above": b[1] - a[1],
-              "below": a[1] - b[1]}[relation]
-    return margin > 2
+    return _relation_holds(pa, pb, spec.relation, MARGIN)
 
 
 def check(folder: Path) -> dict[str, float]:

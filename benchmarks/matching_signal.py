@@ -31,6 +31,7 @@ from gradient_signal import jackknife, permuted_within_groups  # noqa: E402  (al
 
 from treegrpo.advantages import normalize_by_group  # noqa: E402
 from treegrpo.config import load_config  # noqa: E402
+from treegrpo.loss import flow_matching_loss, matching_weights  # noqa: E402
 from treegrpo.evaluation import decode_chunked, evaluate_per_image, score_images, summarize_eval  # noqa: E402
 from treegrpo.prompts import draw_prompts, load_prompts, prompt_groups  # noqa: E402
 from treegrpo.rollout import rollout  # noqa: E402
@@ -38,15 +39,16 @@ from treegrpo.trainer import Trainer  # noqa: E402
 
 
 class MatchingExperiment:
-    def __init__(self, config: str, overrides: list[str], beta: float, t_samples: int, shared_noise: bool) -> None:
+    def __init__(self, config: str, overrides: list[str], beta: float, t_samples: int, shared_noise: bool,
+                 conditional: bool = False) -> None:
         self.tmp = tempfile.TemporaryDirectory()  # the trainer's run directory; removed with the experiment
         self.cfg = load_config(config, ["log.trackers=[]", "train.progress=false", "log.tree_every=0", "optim.kl_coef=0",
-                                        *overrides])
+                                        f"optim.matching_guidance={not conditional}", *overrides])
         self.trainer = Trainer(self.cfg, Path(self.tmp.name) / "run")
         self.policy, self.sigmas, self.times = self.trainer.policy, self.trainer.schedule.sigmas, self.trainer.schedule.times
         self.beta, self.t_samples, self.shared_noise = beta, t_samples, shared_noise
         self.generator = torch.Generator().manual_seed(1)
-        self.conditional = False
+        self.conditional = conditional
 
     def leaves(self):
         """One TreeGRPO rollout: leaf latents [L, ...], their prompt index [L], cond, advantages [L], rewards [L]."""
@@ -66,12 +68,9 @@ class MatchingExperiment:
         return tree.leaves, tree.leaf_prompt, cond, normalize_by_group(reward, tree.leaf_prompt, eps=1e-4), reward
 
     def backward(self, x0: torch.Tensor, prompt: torch.Tensor, cond, adv: torch.Tensor) -> float:
-        """Accumulate the loss's gradient (t_samples draws of (t, eps)); returns the loss."""
-        a = adv.clamp(-1, 1)
-        for p in prompt.unique():  # centred after clipping: otherwise the plain flow-matching gradient dominates
-            m = prompt == p
-            a[m] = a[m] - a[m].mean()
-        r = (0.5 + 0.5 * a).view(-1, *([1] * (x0.ndim - 1)))
+        """Accumulate the loss's gradient (t_samples draws of (t, eps)); returns the loss. The loss and
+        its weights are the trainer's (`treegrpo.loss`); only the (t, eps) sharing is chosen here."""
+        r = matching_weights(adv, prompt)
         n = int(prompt.max()) + 1 if self.shared_noise else x0.shape[0]
         pick = prompt if self.shared_noise else torch.arange(x0.shape[0])
         total = 0.0
@@ -81,24 +80,17 @@ class MatchingExperiment:
             tb = self.sigmas[step].view(-1, *([1] * (x0.ndim - 1)))
             xt, target = (1 - tb) * x0 + tb * eps, eps - x0
             # the model's time input is the schedule's time of that step (SD3: 1000 sigma), not sigma
-            with torch.no_grad():
-                v_old = self.velocity(xt, self.times[step], cond, prompt)
             v = self.velocity(xt, self.times[step], cond, prompt)
-            v_pos, v_neg = (1 - self.beta) * v_old + self.beta * v, (1 + self.beta) * v_old - self.beta * v
-            loss = (r * (v_pos - target) ** 2 + (1 - r) * (v_neg - target) ** 2).mean() / self.t_samples
+            loss = flow_matching_loss(v, v.detach(), target, r, self.beta).loss / self.t_samples
             loss.backward()
             total += float(loss.detach())
         return total
 
     def velocity(self, x, times, cond, prompt):
-        """The guided velocity (as sampled), or with `conditional` the conditional branch alone."""
+        """The guided velocity (as sampled), or with `conditional` the trainer's conditional branch."""
         if not self.conditional:
             return self.policy.predict(x, times, cond, prompt)
-        scale, self.policy.guidance_scale = self.policy.guidance_scale, 1.0  # u + 1 (c - u) = c
-        try:
-            return self.policy.predict(x, times, cond, prompt)
-        finally:
-            self.policy.guidance_scale = scale
+        return self.trainer._velocity(self.policy, x, times, cond, prompt)  # built with matching_guidance=false
 
     def flat_grad(self) -> torch.Tensor:
         return torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.detach().flatten().clone()
@@ -121,8 +113,7 @@ def signal(args) -> dict:
     prompt_file.write_text("\n".join(fixed) + "\n")
     exp = MatchingExperiment(args.config, [f"train.prompts={prompt_file}", f"eval.prompts={prompt_file}",
                                            "train.prompt_balance=none", "train.prompts_per_iteration=8", *args.overrides],
-                             args.beta, args.t_samples, not args.independent_noise)
-    exp.conditional = args.conditional
+                             args.beta, args.t_samples, not args.independent_noise, args.conditional)
     grads, control = [], []
     for k in range(args.rollouts):
         x0, prompt, cond, adv, reward = exp.leaves()
@@ -141,8 +132,7 @@ def signal(args) -> dict:
 
 def learn(args) -> dict:
     exp = MatchingExperiment(args.config, [f"optim.lr={args.lr}", *args.overrides], args.beta, args.t_samples,
-                             not args.independent_noise)
-    exp.conditional = args.conditional
+                             not args.independent_noise, args.conditional)
     evals = [{"iteration": 0, **exp.evaluate()}]
     print(json.dumps(evals[-1]), flush=True)
     for it in range(1, args.iterations + 1):

@@ -4,7 +4,7 @@
     treegrpo sample --checkpoint {base|shapes|RUN_DIR|PATH} [--prompts heldout|train|shapes|FILE] [--seeds N] --out DIR
     treegrpo eval --checkpoint {base|shapes|RUN_DIR|PATH} [--rewards a,b] [--prompts heldout|train|shapes|FILE] [--seeds N]
                   [--reward-option NAME:KEY=VALUE ...] [--images DIR] [--baseline BASE.json] [--out FILE.json]
-    treegrpo pretrain {compose|shapes|classifier} [--out PATH] [--steps N] [--seed S]
+    treegrpo pretrain {compose|shapes|classifier} [--out PATH] [--steps N] [--seed S] [--caption-noise Q]
     treegrpo bench [--methods a,b] [--seeds 0 1 2] [--variant NAME:key=value,...] [--lr-sweep 1e-4,2e-4]
                    [--eval-every N] [--reach interpolate|first] [--quick] [--out DIR]
     treegrpo report {RUN_DIR|BENCH_DIR} [--out FILE]
