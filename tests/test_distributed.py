@@ -288,3 +288,28 @@ log: {{trackers: [], tree_every: 0}}
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert state["rng"][0]["torch"] != state["rng"][1]["torch"]
     assert json.loads((tmp_path / "one" / "checkpoints" / "iter_000001" / "state.json").read_text())["world_size"] == 1
+
+
+def test_two_processes_train_the_flow_matching_objective_like_one_process(two_procs):
+    """optim.objective=flow_matching: per-prompt (step, noise) draws and minibatches, so the ranks'
+    averaged gradient equals the one-process gradient over all prompts (2 minibatches: the second
+    uses the rollout policy's stored velocity)."""
+    tmp, config, _ = two_procs
+    args = [str(config), "train.iterations=1", "optim.objective=flow_matching", "optim.minibatches=2", "optim.kl_coef=0"]
+    result = _launch([*args, "--output-dir", str(tmp / "two_fm")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.set_num_threads(1)
+    assert main(["train", *args, "--output-dir", str(tmp / "one_fm"), "--quiet"]) == 0
+    from treegrpo.policies import load_policy
+
+    base = {k: v.detach() for k, v in load_policy("shapes").unet.named_parameters()}
+    one, two = _weights(tmp / "one_fm", 1), _weights(tmp / "two_fm", 1)
+    diff = torch.cat([(one[k] - two[k]).flatten() for k in one])
+    moved = torch.cat([(one[k] - base[k]).flatten() for k in one])
+    print(f"relative L2 {float(diff.norm() / moved.norm()):.2e}, max move {float(moved.abs().max()):.2e}")
+    assert float(moved.abs().max()) > 10 * 2e-5
+    assert float(diff.norm() / moved.norm()) < 1e-3
+    m1, m2 = _metrics(tmp / "one_fm")[1], _metrics(tmp / "two_fm")[1]
+    assert m1["model_calls/train"] == m2["model_calls/train"] > 0
+    for key in ["train/reward_mean", "train/matching_loss", "train/grad_norm"]:
+        assert m1[key] == pytest.approx(m2[key], rel=1e-4, abs=1e-7), key
