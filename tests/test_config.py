@@ -30,7 +30,7 @@ def test_yaml_file_then_overrides(tmp_path):
     ("method.name=ppo", "method.name must be one of"),
     ("train.progress=maybe", "expected true or false"),
     ("iterations=3", "must be section.key"),
-    ("optim.objective=nft", "optim.objective must be policy_gradient or flow_matching"),
+    ("optim.objective=nft", "optim.objective must be policy_gradient, flow_matching or both"),
     ("optim.matching_draws=0", "optim.matching_draws must be >= 1"),
 ])
 def test_bad_keys_and_values_fail_with_a_clear_message(override, message):

@@ -6,6 +6,7 @@ and 1.1), then checks that training through the real `Trainer` moves the gain th
 method of the engine and for a reward and its opposite.
 """
 
+import json
 import pytest
 import torch
 
@@ -83,13 +84,14 @@ def test_the_fixes_still_follow_the_reward_and_change_the_update(tmp_path, fix):
     assert moved[fix] != moved["plain"]  # the option reaches the update
 
 
+@pytest.mark.parametrize("objective", ["flow_matching", "both"])
 @pytest.mark.parametrize("reward", ["test_spread", "test_narrow"])
-def test_the_flow_matching_objective_follows_the_reward(tmp_path, reward):
+def test_the_flow_matching_objective_follows_the_reward(tmp_path, reward, objective):
     """optim.objective=flow_matching (DiffusionNFT's loss on TreeGRPO's leaves) moves the gain the
-    way the reward rises, as the policy gradient does."""
+    way the reward rises, as the policy gradient does; objective both takes both steps."""
     direction = _better_direction(reward)
     config = load_config(None, [
-        "method.name=treegrpo", "method.window=2", "method.k=3", "optim.objective=flow_matching",
+        "method.name=treegrpo", "method.window=2", "method.k=3", f"optim.objective={objective}",
         f"reward.weights={{{reward}: 1.0}}", f"reward.eval=[{reward}]", "optim.lr=0.02", "optim.kl_coef=0",
         "train.iterations=6", "train.prompts_per_iteration=4", "train.progress=false",
         "eval.every=0", "eval.num_seeds=1", "eval.grid_prompts=2", "train.checkpoint_every=0", "model.family=analytic",
@@ -98,3 +100,7 @@ def test_the_flow_matching_objective_follows_the_reward(tmp_path, reward):
     Trainer(config, tmp_path / "run", policy=policy, train_prompts=["p0", "p1", "p2", "p3"]).train()
     moved = float(policy.gain.detach()) - 1.0
     assert moved * direction > 0.01, f"flow matching moved the gain by {moved:+.4f} for {reward}"
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
+    assert "train/matching_loss" in first
+    if objective == "both":  # the policy gradient's step ran too, and each step's norm is logged
+        assert first["train/grad_norm"] > 0 and first["train/matching_grad_norm"] > 0 and "train/ratio_max" in first

@@ -134,7 +134,9 @@ class OptimConfig:
     # section 5, every method's own) or "flow_matching" (DiffusionNFT's advantage-weighted
     # flow-matching loss on the leaves, `treegrpo.loss.flow_matching_loss`: no log-probs, so
     # clip_range, adv_clip, step_weight, kl_per_edge and recompute_old_log_probs do not enter;
-    # kl_coef then weighs mean |v - v_base|^2, the velocity's drift from the base model).
+    # kl_coef then weighs mean |v - v_base|^2, the velocity's drift from the base model), or
+    # "both": the policy gradient's optimiser steps on the trained edges, then the flow-matching
+    # step on the leaves (same rollout, same lr; kl_coef enters both as above).
     objective: str = "policy_gradient"
     matching_beta: float = 1.0  # DiffusionNFT's beta: how far v+ / v- lie from v_old along v - v_old
     matching_draws: int = 4  # (step, noise) draws per prompt per iteration, shared by its leaves
@@ -330,7 +332,8 @@ def validate(config: Config) -> None:
         (m.std_floor >= 0, f"method.std_floor must be >= 0 (0 = no floor), got {m.std_floor}"),
         (m.edge_baseline in ("none", "parent"), f"method.edge_baseline must be none or parent, got {m.edge_baseline!r}"),
         (o.step_weight in ("none", "level", "gain", "level_gain"), f"optim.step_weight must be none, level, gain or level_gain, got {o.step_weight!r}"),
-        (o.objective in ("policy_gradient", "flow_matching"), f"optim.objective must be policy_gradient or flow_matching, got {o.objective!r}"),
+        (o.objective in ("policy_gradient", "flow_matching", "both"),
+         f"optim.objective must be policy_gradient, flow_matching or both, got {o.objective!r}"),
         (o.objective != "flow_matching" or o.step_weight == "none",
          "optim.step_weight weighs the policy-gradient objective's steps; with optim.objective=flow_matching set it to none"),
         (o.matching_beta > 0, f"optim.matching_beta must be > 0, got {o.matching_beta}"),

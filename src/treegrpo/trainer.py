@@ -379,12 +379,18 @@ class Trainer:
         # One decision for all ranks: a rank whose leaves are all masked still trains (its
         # advantages are 0), as one process holding all prompts would.
         if any_rank(self.accelerator, bool(finite.any())):
-            if c.optim.objective == "flow_matching":
-                stats, train_calls = self._update_matching(tree.leaves, tree.leaf_prompt, weighted, finite, cond,
-                                                           streams)
-            else:
+            if c.optim.objective in ("policy_gradient", "both"):
                 stats, train_calls = self._update(batch, cond, streams)
-            record.update(stats)
+                record.update(stats)
+            if c.optim.objective in ("flow_matching", "both"):
+                # After the policy gradient's steps (objective both) the flow-matching step starts
+                # from the updated weights; its loss and gradient norm keep their own names then.
+                stats, calls = self._update_matching(tree.leaves, tree.leaf_prompt, weighted, finite, cond, streams)
+                if c.optim.objective == "both":
+                    stats = {("train/matching_grad_norm" if k == "train/grad_norm" else k): v
+                             for k, v in stats.items() if k != "train/loss"}
+                record.update(stats)
+                train_calls += calls
         record["model_calls/rollout"] = float(tree.num_model_calls)
         record["model_calls/train"] = float(train_calls)
         record["lr"] = float(self.optimizer.param_groups[0]["lr"])

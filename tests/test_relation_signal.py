@@ -1,0 +1,30 @@
+"""benchmarks/relation_signal.py's `relation` reward: a position prompt's clean render holds its
+relation, the render of the reversed relation does not, and other templates score 1."""
+
+import dataclasses
+import importlib.util
+import random
+from pathlib import Path
+
+from treegrpo.worlds.compose import parse_prompt, render_scenes, sample_scene, split_prompts
+
+_path = Path(__file__).parents[1] / "benchmarks" / "relation_signal.py"
+_spec = importlib.util.spec_from_file_location("relation_signal", _path)
+relation_signal = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(relation_signal)
+
+REVERSED = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+
+
+def test_the_relation_reward_passes_clean_renders_and_fails_reversed_ones():
+    prompts = [s.text for s in split_prompts()["heldout"]]
+    position = [p for p in prompts if parse_prompt(p).template == "position"]
+    other = [p for p in prompts if parse_prompt(p).template != "position"][:40]
+    specs = [parse_prompt(p) for p in position]
+    clean = render_scenes([sample_scene(s, random.Random(i)) for i, s in enumerate(specs)])
+    reversed_ = render_scenes([sample_scene(dataclasses.replace(s, relation=REVERSED[s.relation]), random.Random(i))
+                               for i, s in enumerate(specs)])
+    assert relation_signal.relation_holds(clean, position).mean() > 0.97
+    assert relation_signal.relation_holds(reversed_, position).mean() < 0.03
+    others = render_scenes([sample_scene(parse_prompt(p), random.Random(i)) for i, p in enumerate(other)])
+    assert relation_signal.relation_holds(others, other).tolist() == [1.0] * len(other)
