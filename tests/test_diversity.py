@@ -12,6 +12,7 @@ from treegrpo.advantages import diversity_weighted_advantages, tree_advantages
 from treegrpo.diversity import (DiversityFeature, available_features, cosine_diversity, group_nearest_neighbour, lgmd,
                                 nearest_neighbour_distance, per_image_diversity, pixel_distance,
                                 register_diversity_feature, resolve_features)
+from treegrpo.evaluation import summarize_eval
 from treegrpo.tree import Tree, TreeShape
 from treegrpo.worlds.shapes import SHAPES_WORLD, parse_prompt, render_batch
 from treegrpo.worlds.shapes_layout import shapes_layout
@@ -95,8 +96,30 @@ def test_scene_layout_is_object_coverage_per_cell_of_the_compositional_world():
     assert int(f[0].argmax()) == 0 and int(f[2].argmax()) == 15  # top-left cell, bottom-right cell
     assert torch.allclose(f[0], f[1], atol=1e-6)  # colour is the prompt's, not the layout's
     assert float((f[0] - f[3]).norm()) > 0.1 and float(f[4].abs().max()) == 0.0  # size counts; empty is zero
-    assert list(resolve_features(None, {}, "compose")) == ["scene_layout"]
+    assert list(resolve_features(None, {}, "compose")) == ["scene_layout", "single_centre"]
     assert "scene_layout" not in resolve_features(None, {}, "sd3")  # a real SD3 model is not this world
+
+
+def test_single_centre_is_the_single_objects_centre_and_its_diversity_the_pairwise_pixel_distance():
+    from treegrpo.worlds.compose import Placed, render_scenes
+    from treegrpo.worlds.compose_layout import single_centre
+
+    images = render_scenes([[Placed("red", "circle", 8, 10, 5.0)], [Placed("red", "circle", 20, 10, 5.0)],
+                            [Placed("red", "circle", 8, 26, 4.0)], [Placed("blue", "square", 9, 9, 4.0)],
+                            [Placed("blue", "square", 9, 9, 4.0)], []])
+    prompts = ["a red circle"] * 3 + ["two blue squares", "two blue squares", "a red circle"]
+    c = single_centre(images, prompts)
+    assert c[:3].flatten().tolist() == pytest.approx([8, 10, 20, 10, 8, 26], abs=0.1)  # anti-aliased: to 0.1 px
+    assert torch.isnan(c[3:]).all()  # other templates, and an image without an object
+    feature = resolve_features(["single_centre"], {}, "compose")["single_centre"]
+    assert feature.partial
+    lgmd_input = torch.randn(6, 4)
+    # Two prompts x 3 seeds: the first is single (pairs 12, 16 and 20 px apart), the second drops out.
+    scenes = images[[0, 1, 2, 3, 4, 3]]
+    out = per_image_diversity(scenes, lgmd_input, ["a red circle"] * 3 + ["two blue squares"] * 3, 3,
+                              {"single_centre": feature})
+    summary = summarize_eval(out)
+    assert summary["diversity/single_centre"] == pytest.approx((12 + 16 + 20) / 3, abs=0.2)
 
 
 def test_feature_resolution_registry_and_errors():
@@ -206,5 +229,7 @@ def test_a_tiny_run_logs_diversity_and_trains_with_gardo(tmp_path):
     assert "1000000, 1000001, 1000002" in grids
     with pytest.raises(ConfigError, match="method.diversity_feature: 'nope'"):
         Trainer(load_config(None, [*overrides, "method.diversity_feature=nope"]), tmp_path / "run2")
+    with pytest.raises(ConfigError, match="'single_centre' is defined for some prompts only"):
+        Trainer(load_config(None, [*overrides, "method.diversity_feature=single_centre"]), tmp_path / "run3")
     with pytest.raises(ConfigError, match="must be none or gardo"):
         load_config(None, ["method.diversity_weight=guard"])

@@ -50,6 +50,7 @@ class DiversityFeature:
     fn: FeatureFn
     metric: Metric = "euclidean"
     families: tuple[str, ...] = field(default=())  # model families that use it by default
+    partial: bool = False  # NaN rows for images it does not apply to: evaluation only, not GARDO's feature
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         out = torch.as_tensor(self.fn(images, prompts)).float().cpu()
@@ -63,14 +64,16 @@ _FEATURES: dict[str, DiversityFeature] = {}
 
 
 def register_diversity_feature(name: str, fn: FeatureFn, *, metric: Metric = "euclidean",
-                               families: tuple[str, ...] = ()) -> DiversityFeature:
+                               families: tuple[str, ...] = (), partial: bool = False) -> DiversityFeature:
     """Register a world's feature under `name` (logged as ``diversity/NAME``); used by default for
-    models of `families`, and by name in ``eval.diversity_features`` / ``method.diversity_feature``."""
+    models of `families`, and by name in ``eval.diversity_features`` / ``method.diversity_feature``.
+    partial: the feature is NaN for images it does not apply to (their prompts drop out of its mean),
+    so it cannot weight GARDO's advantages."""
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"diversity feature metric must be 'cosine' or 'euclidean', got {metric!r}")
     if name in _FEATURES:
         raise ValueError(f"diversity feature {name!r} is registered twice")
-    feature = DiversityFeature(name, fn, metric, tuple(families))
+    feature = DiversityFeature(name, fn, metric, tuple(families), partial)
     _FEATURES[name] = feature
     return feature
 

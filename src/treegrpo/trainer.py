@@ -189,9 +189,13 @@ class Trainer:
                                          option="method.diversity_feature")
             else:
                 trained = {n: self.rewards[n] for n in c.reward.weights}
-                found = resolve_features(None, trained, world) or resolve_features(None, self.rewards, world)
+                found = {n: f for n, f in resolve_features(None, trained, world).items() if not f.partial} or {
+                    n: f for n, f in resolve_features(None, self.rewards, world).items() if not f.partial}
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if any(f.partial for f in found.values()):
+            raise ConfigError(f"method.diversity_feature: {c.method.diversity_feature!r} is defined for some prompts only "
+                              "(NaN elsewhere), so it cannot weight every leaf's advantage; choose another feature")
         if not found:
             raise ConfigError("method.diversity_weight=gardo needs image features: load a CLIP-based reward (clipscore, "
                               "pickscore, hpsv2.1, aesthetic) or set method.diversity_feature to a registered feature")
