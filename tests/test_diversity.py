@@ -233,3 +233,34 @@ def test_a_tiny_run_logs_diversity_and_trains_with_gardo(tmp_path):
         Trainer(load_config(None, [*overrides, "method.diversity_feature=single_centre"]), tmp_path / "run3")
     with pytest.raises(ConfigError, match="must be none or gardo"):
         load_config(None, ["method.diversity_weight=guard"])
+
+
+def test_gardo_weights_the_flow_matching_objective_s_leaf_advantages(tmp_path, monkeypatch):
+    """With optim.objective=flow_matching the leaves' advantages are GARDO's diversity-weighted ones,
+    not the plain standardised rewards: the option acts on both objectives."""
+    import treegrpo.trainer as trainer_module
+    from treegrpo.config import load_config
+    from treegrpo.trainer import Trainer
+
+    seen: dict[str, list[torch.Tensor]] = {"gardo": [], "matching_input": []}
+
+    def spy_gardo(*args, **kwargs):
+        out = diversity_weighted_advantages(*args, **kwargs)
+        seen["gardo"].append(out)
+        return out
+
+    real_weights = trainer_module.matching_weights
+
+    def spy_weights(advantage, group, mask=None):
+        seen["matching_input"].append(advantage)
+        return real_weights(advantage, group, mask)
+
+    monkeypatch.setattr(trainer_module, "diversity_weighted_advantages", spy_gardo)
+    monkeypatch.setattr(trainer_module, "matching_weights", spy_weights)
+    overrides = [*SHAPES_WORLD, "train.iterations=1", "train.prompts_per_iteration=2", "eval.every=0", "method.k=2",
+                 "method.window=2", "method.diversity_weight=gardo", "optim.objective=flow_matching", "log.trackers=[]",
+                 "train.progress=false"]
+    Trainer(load_config(None, overrides), tmp_path / "run").train()
+    assert len(seen["gardo"]) == 1 and len(seen["matching_input"]) == 1
+    assert seen["matching_input"][0] is seen["gardo"][0]
+    assert float(seen["gardo"][0].abs().sum()) > 0  # the rewards had spread: a real weighting, not zeros
