@@ -1,6 +1,10 @@
 """Does a rollout's tree carry the relation signal, and which objective learns from it?
 
-Two uses (docs/benchmarks.md section 11):
+Three uses (docs/benchmarks.md section 11):
+
+    # the position prompts of the training and held-out splits, one per line, for train.prompts and
+    # eval.prompts below (OUT/position_train.txt, OUT/position_heldout.txt)
+    .venv/bin/python benchmarks/relation_signal.py prompts OUT
 
     # within-tree vs total variance of the relation verdict on 16 position training prompts, one
     # tree each (the demo's k = 3, w = 3), branching at the given window starts
@@ -74,10 +78,22 @@ def variance(starts: list[int], num_prompts: int = 16) -> None:
                   f"mean within-tree variance {within:.3f}, trees with both verdicts {mixed}/{len(prompts)}", flush=True)
 
 
+def write_position_prompts(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "heldout"):
+        lines = [p for p in load_prompts(split) if parse_prompt(p).template == "position"]
+        (out / f"position_{split}.txt").write_text("\n".join(lines) + "\n")
+        print(f"{out / f'position_{split}.txt'}: {len(lines)} prompts")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in ("variance", "train"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("prompts", "variance", "train"):
         sys.exit(__doc__)
-    if sys.argv[1] == "variance":
+    if sys.argv[1] == "prompts":
+        if len(sys.argv) != 3:
+            sys.exit(__doc__)
+        write_position_prompts(Path(sys.argv[2]))
+    elif sys.argv[1] == "variance":
         variance([int(s) for s in sys.argv[2:]] or [0, 4])
     else:
         from treegrpo.cli import main

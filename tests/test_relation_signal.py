@@ -28,3 +28,13 @@ def test_the_relation_reward_passes_clean_renders_and_fails_reversed_ones():
     assert relation_signal.relation_holds(reversed_, position).mean() < 0.03
     others = render_scenes([sample_scene(parse_prompt(p), random.Random(i)) for i, p in enumerate(other)])
     assert relation_signal.relation_holds(others, other).tolist() == [1.0] * len(other)
+
+
+def test_the_position_prompt_files_hold_each_split_s_position_prompts_and_only_them(tmp_path):
+    relation_signal.write_position_prompts(tmp_path)
+    for split in ("train", "heldout"):
+        lines = (tmp_path / f"position_{split}.txt").read_text().splitlines()
+        expected = [s.text for s in split_prompts()[split] if parse_prompt(s.text).template == "position"]
+        assert lines == expected and len(lines) > 100
+    train = set((tmp_path / "position_train.txt").read_text().splitlines())
+    assert not train & set((tmp_path / "position_heldout.txt").read_text().splitlines())
