@@ -41,6 +41,10 @@ def test_bad_keys_and_values_fail_with_a_clear_message(override, message):
 def test_flow_matching_refuses_the_policy_gradients_step_weights():
     with pytest.raises(ConfigError, match="step_weight weighs the policy-gradient objective"):
         load_config(None, ["optim.objective=flow_matching", "optim.step_weight=gain"])
+    for edge_option in ("method.per_depth=true", "method.edge_baseline=parent", "method.backup=softmax"):
+        with pytest.raises(ConfigError, match="optim.objective=flow_matching trains on leaf advantages only"):
+            load_config(None, ["optim.objective=flow_matching", edge_option])
+        load_config(None, ["optim.objective=both", edge_option])  # the policy-gradient part uses them
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -104,3 +104,38 @@ def test_the_flow_matching_objective_follows_the_reward(tmp_path, reward, object
     assert "train/matching_loss" in first
     if objective == "both":  # the policy gradient's step ran too, and each step's norm is logged
         assert first["train/grad_norm"] > 0 and first["train/matching_grad_norm"] > 0 and "train/ratio_max" in first
+
+
+def test_the_flow_matching_objective_standardises_leaves_by_the_method_s_leaf_rule(tmp_path, monkeypatch):
+    """method.std_floor / unbiased_std / global_std reach the flow-matching step's leaf advantages
+    (they were once ignored there): the advantages matching_weights receives are those of the rule."""
+    import treegrpo.trainer as trainer_module
+
+    calls: list[tuple[dict, torch.Tensor]] = []
+    real_normalize, real_weights = trainer_module.normalize_by_group, trainer_module.matching_weights
+    received: list[torch.Tensor] = []
+
+    def spy_normalize(*args, **kwargs):
+        out = real_normalize(*args, **kwargs)
+        calls.append((kwargs, out))
+        return out
+
+    def spy_weights(advantage, group, mask=None):
+        received.append(advantage)
+        return real_weights(advantage, group, mask)
+
+    monkeypatch.setattr(trainer_module, "normalize_by_group", spy_normalize)
+    monkeypatch.setattr(trainer_module, "matching_weights", spy_weights)
+    config = load_config(None, [
+        "method.name=treegrpo", "method.window=2", "method.k=3", "optim.objective=flow_matching",
+        "reward.weights={test_spread: 1.0}", "reward.eval=[test_spread]", "method.std_floor=1000",
+        "method.unbiased_std=true", "train.iterations=1", "train.prompts_per_iteration=4", "train.progress=false",
+        "eval.every=0", "train.checkpoint_every=0", "model.family=analytic",
+    ])
+    Trainer(config, tmp_path / "run", policy=GaussianPolicy(data_std=0.5, latent_shape=(1, 4, 4)),
+            train_prompts=["p0", "p1", "p2", "p3"]).train()
+    assert len(received) == 1 and len(calls) == 1
+    kwargs, out = calls[0]
+    assert kwargs["std_floor"] == 1000 and kwargs["unbiased"] and not kwargs["global_std"]
+    assert received[0] is out
+    assert 0 < float(out.abs().max()) < 0.01  # reward units / 1000: the floor, not unit std

@@ -336,6 +336,11 @@ def validate(config: Config) -> None:
          f"optim.objective must be policy_gradient, flow_matching or both, got {o.objective!r}"),
         (o.objective != "flow_matching" or o.step_weight == "none",
          "optim.step_weight weighs the policy-gradient objective's steps; with optim.objective=flow_matching set it to none"),
+        (o.objective != "flow_matching" or (m.backup == "mean" and not m.per_depth and m.edge_baseline == "none"
+                                            and m.prune_value == "drop"),
+         "method.backup, method.per_depth, method.edge_baseline and method.prune_value=probe shape the policy "
+         "gradient's edge advantages; optim.objective=flow_matching trains on leaf advantages only (per prompt, with "
+         "method.unbiased_std, global_std and std_floor): leave them at their defaults, or use optim.objective=both"),
         (o.matching_beta > 0, f"optim.matching_beta must be > 0, got {o.matching_beta}"),
         (o.matching_draws >= 1, f"optim.matching_draws must be >= 1, got {o.matching_draws}"),
         (0 <= m.window_explore <= 1, f"method.window_explore must be in [0, 1], got {m.window_explore}"),

@@ -537,7 +537,8 @@ class Trainer:
                          diversity: torch.Tensor | None = None) -> tuple[dict[str, float], int]:
         """optim.objective=flow_matching: DiffusionNFT's loss (`flow_matching_loss`) on the leaves.
 
-        Leaf advantages are the rewards standardised per prompt (as TreeGRPO's leaves), or with
+        Leaf advantages are the rewards standardised per prompt by the method's leaf rule (as its
+        leaves are for the policy gradient: unbiased_std, global_std, std_floor), or with
         GARDO (`diversity`: each leaf's nearest-neighbour distance) its diversity-weighted ones. Each of
         optim.matching_draws draws picks one schedule step and one noise per prompt, shared by its
         leaves: the noise's part of the gradient then cancels between a prompt's leaves, whose
@@ -547,7 +548,10 @@ class Trainer:
         if diversity is not None:
             advantage = diversity_weighted_advantages(reward, leaf_prompt, diversity, mask=finite)
         else:
-            advantage = normalize_by_group(reward, leaf_prompt, eps=1e-4, mask=finite)
+            rule = self.method.advantage_rule  # the method's leaf rule (its edge rule has no part here)
+            advantage = normalize_by_group(reward, leaf_prompt, eps=1e-4, unbiased=rule.unbiased,
+                                           global_std=rule.global_std, std_floor=rule.std_floor, mask=finite,
+                                           sum_over_ranks=lambda t: all_sum(self.accelerator, t))
         r_all = matching_weights(advantage, leaf_prompt, finite)
         rows = finite.nonzero().squeeze(1)
         x0, group, r = leaves[rows].float(), leaf_prompt[rows], r_all[rows]
