@@ -137,3 +137,24 @@ def test_flow_matching_loss_gradient_is_the_centred_advantage_pull():
     w = matching_weights(torch.nan_to_num(adv), group, mask)
     # group 0: clipped to [1, -1, 0], centred -> [1, -1, 0]; group 1: [0.5, 1] -> [-0.25, 0.25]; masked 0.5
     torch.testing.assert_close(w, torch.tensor([1.0, 0.0, 0.5, 0.375, 0.5, 0.625]))
+
+
+def test_flow_matching_loss_without_negatives_pulls_only_towards_the_better_leaves():
+    """negatives=False: the gradient is 2 beta (2r - 1)(v+ - target) on leaves with r > 1/2 (equal to
+    the full loss's at v = v_old) and exactly zero on the others, wherever v is (the full loss keeps
+    pushing v away from a below-mean leaf's target)."""
+    from treegrpo.loss import flow_matching_loss
+
+    torch.manual_seed(1)
+    v_old, target = torch.randn(4, 3), torch.randn(4, 3)
+    r = torch.tensor([0.9, 0.1, 0.5, 0.7])
+    for beta in (1.0, 0.3):
+        v = v_old.clone().requires_grad_(True)
+        flow_matching_loss(v, v_old, target, r, beta, negatives=False).loss.backward()
+        expected = 2 * beta * (2 * r.view(-1, 1) - 1).clamp(min=0) * (v_old - target) / v.numel()
+        torch.testing.assert_close(v.grad, expected)
+        assert v.grad[1].abs().sum() == 0 and v.grad[2].abs().sum() == 0
+    for negatives in (False, True):
+        v = (v_old + torch.randn(4, 3)).requires_grad_(True)
+        flow_matching_loss(v, v_old, target, r, 1.0, negatives=negatives).loss.backward()
+        assert (v.grad[1].abs().sum() == 0) == (not negatives)

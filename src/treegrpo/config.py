@@ -141,6 +141,7 @@ class OptimConfig:
     matching_beta: float = 1.0  # DiffusionNFT's beta: how far v+ / v- lie from v_old along v - v_old
     matching_draws: int = 4  # (step, noise) draws per prompt per iteration, shared by its leaves
     matching_guidance: bool = True  # train the guided velocity as sampled; false: the conditional branch alone
+    matching_negatives: bool = True  # false: pull towards the above-mean leaves only (no push from the others)
 
 
 @dataclass

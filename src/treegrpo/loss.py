@@ -143,7 +143,7 @@ def matching_weights(advantage: torch.Tensor, group: torch.Tensor, mask: torch.T
 
 
 def flow_matching_loss(v: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor, r: torch.Tensor, beta: float,
-                       v_ref: torch.Tensor | None = None, kl_coef: float = 0.0) -> LossOutput:
+                       v_ref: torch.Tensor | None = None, kl_coef: float = 0.0, negatives: bool = True) -> LossOutput:
     """DiffusionNFT's advantage-weighted flow-matching loss (arXiv 2509.16117) on leaves.
 
     v: the model's velocity [B, ...] at forward-noised leaves; v_old: the rollout policy's (detached);
@@ -152,14 +152,20 @@ def flow_matching_loss(v: torch.Tensor, v_old: torch.Tensor, target: torch.Tenso
     r |v+ - target|^2 + (1 - r) |v- - target|^2: leaves above their prompt's mean pull v+ towards
     them, those below push v- (so v moves away). Its gradient at v = v_old is 2 beta (2r - 1)(v_old -
     target) dv: with centred r it has no plain flow-matching part. v_ref, kl_coef: an added
-    kl_coef * mean |v - v_ref|^2 to the reference (base) model's velocity."""
+    kl_coef * mean |v - v_ref|^2 to the reference (base) model's velocity. negatives=False keeps
+    only the pull towards leaves above their prompt's mean, (2r - 1)+ |v+ - target|^2 (reward-weighted
+    regression): the same gradient on those leaves at v = v_old, none on the others, so a step moves
+    v only towards samples the reward preferred, never away from the rest."""
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     v_old = v_old.detach()
     w = r.view(-1, *([1] * (v.ndim - 1))).to(v)
     v_pos = (1 - beta) * v_old + beta * v
     v_neg = (1 + beta) * v_old - beta * v
-    per_row = (w * (v_pos - target) ** 2 + (1 - w) * (v_neg - target) ** 2).flatten(1).mean(dim=1)
+    if negatives:
+        per_row = (w * (v_pos - target) ** 2 + (1 - w) * (v_neg - target) ** 2).flatten(1).mean(dim=1)
+    else:
+        per_row = ((2 * w - 1).clamp(min=0) * (v_pos - target) ** 2).flatten(1).mean(dim=1)
     loss = per_row.mean()
     stats = {"matching_loss": float(loss.detach())}
     if v_ref is not None and kl_coef > 0:

@@ -590,7 +590,8 @@ class Trainer:
                             with torch.no_grad():
                                 v_ref = self._velocity(self.reference, x[idx], t[idx], cond, prompt[idx])
                         out = flow_matching_loss(v, v.detach() if v_old is None else v_old[idx].to(v), target[idx].to(v),
-                                                 w[idx], o.matching_beta, v_ref=v_ref, kl_coef=o.kl_coef)
+                                                 w[idx], o.matching_beta, v_ref=v_ref, kl_coef=o.kl_coef,
+                                                 negatives=o.matching_negatives)
                         self.accelerator.backward(out.loss * idx.numel() / mb.numel())
                     calls += idx.numel()
                     for k, val in out.stats.items():
