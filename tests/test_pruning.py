@@ -228,9 +228,12 @@ def _records(run):
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("value", ["drop", "probe"])
-def test_pruned_adaptive_training_resumes_bitwise(tmp_path, value):
-    extra = ("method.prune_keep=0.5", f"method.prune_value={value}")
+@pytest.mark.parametrize("value, objective", [("drop", "policy_gradient"), ("probe", "policy_gradient"),
+                                              ("drop", "flow_matching")])
+def test_pruned_adaptive_training_resumes_bitwise(tmp_path, value, objective):
+    extra = ("method.prune_keep=0.5", f"method.prune_value={value}", f"optim.objective={objective}")
+    if objective == "flow_matching":
+        extra += ("optim.minibatches=1", "optim.matching_draws=2")
     straight = _trainer(tmp_path / "a", 6, *extra)
     straight.train()
     first = _trainer(tmp_path / "b", 3, *extra)
@@ -252,6 +255,8 @@ def test_pruned_adaptive_training_resumes_bitwise(tmp_path, value):
         assert r["model_calls/saved"] == r["pruned_nodes"] * shape.tail_calls()
         assert r["model_calls/rollout"] == 2 * shape.num_model_calls - r["model_calls/saved"]
         assert r["leaves"] == 4
+        if objective == "flow_matching":  # the loss sees the kept leaves only: one call per leaf and draw
+            assert r["model_calls/train"] == r["leaves"] * 2
 
 
 @pytest.mark.parametrize("override, match", [
