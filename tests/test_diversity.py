@@ -238,6 +238,7 @@ def test_a_tiny_run_logs_diversity_and_trains_with_gardo(tmp_path):
 def test_gardo_weights_the_flow_matching_objective_s_leaf_advantages(tmp_path, monkeypatch):
     """With optim.objective=flow_matching the leaves' advantages are GARDO's diversity-weighted ones,
     not the plain standardised rewards: the option acts on both objectives."""
+    import treegrpo.advantages as advantages_module
     import treegrpo.trainer as trainer_module
     from treegrpo.config import load_config
     from treegrpo.trainer import Trainer
@@ -255,12 +256,13 @@ def test_gardo_weights_the_flow_matching_objective_s_leaf_advantages(tmp_path, m
         seen["matching_input"].append(advantage)
         return real_weights(advantage, group, mask)
 
-    monkeypatch.setattr(trainer_module, "diversity_weighted_advantages", spy_gardo)
+    monkeypatch.setattr(advantages_module, "diversity_weighted_advantages", spy_gardo)
     monkeypatch.setattr(trainer_module, "matching_weights", spy_weights)
     overrides = [*SHAPES_WORLD, "train.iterations=1", "train.prompts_per_iteration=2", "eval.every=0", "method.k=2",
                  "method.window=2", "method.diversity_weight=gardo", "optim.objective=flow_matching", "log.trackers=[]",
                  "train.progress=false"]
     Trainer(load_config(None, overrides), tmp_path / "run").train()
-    assert len(seen["gardo"]) == 1 and len(seen["matching_input"]) == 1
-    assert seen["matching_input"][0] is seen["gardo"][0]
-    assert float(seen["gardo"][0].abs().sum()) > 0  # the rewards had spread: a real weighting, not zeros
+    # GARDO runs twice per iteration: for the edges (tree_advantages) and for the flow-matching step, last.
+    assert len(seen["gardo"]) == 2 and len(seen["matching_input"]) == 1
+    assert seen["matching_input"][0] is seen["gardo"][-1]
+    assert float(seen["gardo"][-1].abs().sum()) > 0  # the rewards had spread: a real weighting, not zeros

@@ -27,6 +27,8 @@ class Spread:
 for name, sign in (("test_spread", 1.0), ("test_narrow", -1.0)):
     if name not in _REGISTRY:
         register_reward(name)(lambda sign=sign: Spread(sign))
+if "test_mean_x1000" not in _REGISTRY:  # a second reward on a scale 1000x larger
+    register_reward("test_mean_x1000")(lambda: (lambda images, prompts: 1000 * images.flatten(1).mean(dim=1)))
 
 
 def _better_direction(reward_name: str) -> float:
@@ -106,36 +108,63 @@ def test_the_flow_matching_objective_follows_the_reward(tmp_path, reward, object
         assert first["train/grad_norm"] > 0 and first["train/matching_grad_norm"] > 0 and "train/ratio_max" in first
 
 
-def test_the_flow_matching_objective_standardises_leaves_by_the_method_s_leaf_rule(tmp_path, monkeypatch):
-    """method.std_floor / unbiased_std / global_std reach the flow-matching step's leaf advantages
-    (they were once ignored there): the advantages matching_weights receives are those of the rule."""
+def _spy_matching_advantages(monkeypatch):
+    """Records the trainer's `leaf_advantages` calls (args, kwargs, output) and what matching_weights receives."""
     import treegrpo.trainer as trainer_module
 
-    calls: list[tuple[dict, torch.Tensor]] = []
-    real_normalize, real_weights = trainer_module.normalize_by_group, trainer_module.matching_weights
+    calls: list[tuple[tuple, dict, torch.Tensor]] = []
     received: list[torch.Tensor] = []
+    real_leaf, real_weights = trainer_module.leaf_advantages, trainer_module.matching_weights
 
-    def spy_normalize(*args, **kwargs):
-        out = real_normalize(*args, **kwargs)
-        calls.append((kwargs, out))
+    def spy_leaf(*args, **kwargs):
+        out = real_leaf(*args, **kwargs)
+        calls.append((args, kwargs, out))
         return out
 
     def spy_weights(advantage, group, mask=None):
         received.append(advantage)
         return real_weights(advantage, group, mask)
 
-    monkeypatch.setattr(trainer_module, "normalize_by_group", spy_normalize)
+    monkeypatch.setattr(trainer_module, "leaf_advantages", spy_leaf)
     monkeypatch.setattr(trainer_module, "matching_weights", spy_weights)
+    return calls, received
+
+
+def _one_matching_iteration(tmp_path, *overrides):
     config = load_config(None, [
         "method.name=treegrpo", "method.window=2", "method.k=3", "optim.objective=flow_matching",
-        "reward.weights={test_spread: 1.0}", "reward.eval=[test_spread]", "method.std_floor=1000",
-        "method.unbiased_std=true", "train.iterations=1", "train.prompts_per_iteration=4", "train.progress=false",
-        "eval.every=0", "train.checkpoint_every=0", "model.family=analytic",
-    ])
+        "train.iterations=1", "train.prompts_per_iteration=4", "train.progress=false",
+        "eval.every=0", "train.checkpoint_every=0", "model.family=analytic", *overrides])
     Trainer(config, tmp_path / "run", policy=GaussianPolicy(data_std=0.5, latent_shape=(1, 4, 4)),
             train_prompts=["p0", "p1", "p2", "p3"]).train()
+
+
+def test_the_flow_matching_objective_standardises_leaves_by_the_method_s_leaf_rule(tmp_path, monkeypatch):
+    """method.std_floor / unbiased_std / global_std reach the flow-matching step's leaf advantages
+    (they were once ignored there): the advantages matching_weights receives are those of the rule."""
+    calls, received = _spy_matching_advantages(monkeypatch)
+    _one_matching_iteration(tmp_path, "reward.weights={test_spread: 1.0}", "reward.eval=[test_spread]",
+                            "method.std_floor=1000", "method.unbiased_std=true")
     assert len(received) == 1 and len(calls) == 1
-    kwargs, out = calls[0]
+    _, kwargs, out = calls[0]
     assert kwargs["std_floor"] == 1000 and kwargs["unbiased"] and not kwargs["global_std"]
     assert received[0] is out
     assert 0 < float(out.abs().max()) < 0.01  # reward units / 1000: the floor, not unit std
+
+
+def test_the_flow_matching_objective_combines_several_rewards_as_the_policy_gradient_does(tmp_path, monkeypatch):
+    """reward.weights mean the same for both objectives: each reward standardised per prompt, then
+    weighted (`combine_rewards`), so a reward on a 1000x larger scale does not drown the other
+    (the flow-matching step once trained on the raw weighted sum)."""
+    from treegrpo.advantages import normalize_by_group
+
+    calls, received = _spy_matching_advantages(monkeypatch)
+    _one_matching_iteration(tmp_path, "reward.weights={test_spread: 1.0, test_mean_x1000: 1.0}",
+                            "reward.eval=[test_spread]")
+    (scores, weights, group), kwargs, out = calls[0]
+    assert received[0] is out and dict(weights) == {"test_spread": 1.0, "test_mean_x1000": 1.0}
+    a, b = scores["test_spread"], scores["test_mean_x1000"]
+    expected = normalize_by_group(normalize_by_group(a, group) + normalize_by_group(b, group), group, eps=1e-4)
+    torch.testing.assert_close(out, expected, atol=1e-3, rtol=0)  # (the combined sum is standardised twice: eps apart)
+    raw_sum = normalize_by_group(a + b, group, eps=1e-4)  # what the raw sum would have trained
+    assert not torch.allclose(out, raw_sum, atol=0.05)

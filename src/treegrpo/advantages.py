@@ -12,6 +12,7 @@
 5. `normalize_per_depth`: BranchGRPO's rule, each level standardised within its prompt group.
 
 `diversity_weighted_advantages` (GARDO, ``method.diversity_weight: gardo``) replaces step 2.
+`leaf_advantages` is steps 1-2 (or GARDO), which the flow-matching objective uses on its own.
 
 Groups with (numerically) zero spread get zero advantages, never NaN.
 """
@@ -245,12 +246,8 @@ def tree_advantages(tree: Tree, rewards: Mapping[str, torch.Tensor], *, weights:
         group = torch.cat([group, tree.prompt[tree.prune_level][probe_rows]])
         finite = torch.stack([torch.isfinite(r[num_leaves:]) for r in rewards.values()]).all(dim=0)
         mask = torch.cat([mask, finite])
-    combined = combine_rewards(rewards, weights, group, mask=mask)
-    if diversity is not None:
-        terminal = diversity_weighted_advantages(combined, group, diversity, mask=mask)
-    else:
-        terminal = normalize_by_group(combined, group, unbiased=unbiased, global_std=global_std, std_floor=std_floor,
-                                      mask=mask, sum_over_ranks=sum_over_ranks)
+    terminal = leaf_advantages(rewards, weights, group, mask=mask, unbiased=unbiased, global_std=global_std,
+                               std_floor=std_floor, sum_over_ranks=sum_over_ranks, diversity=diversity)
     leaf, leaf_mask = terminal[:num_leaves], None if mask is None else mask[:num_leaves]
     probe_adv = probe_mask = None
     if probe_rows is not None:
@@ -262,6 +259,22 @@ def tree_advantages(tree: Tree, rewards: Mapping[str, torch.Tensor], *, weights:
     if edge_baseline == "parent":
         edges = parent_baseline(tree, edges, leaf_mask=leaf_mask, rule=rule, temperature=temperature)
     return normalize_per_depth(tree, edges, unbiased=unbiased) if per_depth else edges
+
+
+def leaf_advantages(rewards: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None, group: torch.Tensor, *,
+                    mask: torch.Tensor | None = None, unbiased: bool = False, global_std: bool = False,
+                    std_floor: float = 0.0, eps: float = 1e-8,
+                    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    diversity: torch.Tensor | None = None) -> torch.Tensor:
+    """[L] the leaves' advantages, shared by both objectives: the rewards ({name: [L]}) combined by
+    `combine_rewards`, then standardised within their prompt group by the leaf rule (unbiased,
+    global_std, std_floor, eps: see `normalize_by_group`), or with `diversity` ([L] nearest-neighbour
+    distances) GARDO's `diversity_weighted_advantages` instead."""
+    combined = combine_rewards(rewards, weights, group, mask=mask)
+    if diversity is not None:
+        return diversity_weighted_advantages(combined, group, diversity, mask=mask)
+    return normalize_by_group(combined, group, eps=eps, unbiased=unbiased, global_std=global_std, std_floor=std_floor,
+                              mask=mask, sum_over_ranks=sum_over_ranks)
 
 
 def diversity_weighted_advantages(values: torch.Tensor, group: torch.Tensor, distance: torch.Tensor,

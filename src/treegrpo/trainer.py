@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from treegrpo.advantages import backup, diversity_weighted_advantages, normalize_by_group, tree_advantages
+from treegrpo.advantages import backup, leaf_advantages, tree_advantages
 from treegrpo.checkpoint import (EMA_WEIGHTS, WEIGHTS, CheckpointError, CheckpointWriteError, load_state, load_weights,
                                  resume_checkpoint, save_checkpoint)
 from treegrpo.config import Config, ConfigError, check_resume_config, save_config
@@ -389,7 +389,7 @@ class Trainer:
             if c.optim.objective in ("flow_matching", "both"):
                 # After the policy gradient's steps (objective both) the flow-matching step starts
                 # from the updated weights; its loss and gradient norm keep their own names then.
-                stats, calls = self._update_matching(tree.leaves, tree.leaf_prompt, weighted, finite, cond, streams,
+                stats, calls = self._update_matching(tree.leaves, tree.leaf_prompt, scores, finite, cond, streams,
                                                      diversity=nn_distance)
                 if c.optim.objective == "both":
                     stats = {("train/matching_grad_norm" if k == "train/grad_norm" else k): v
@@ -532,26 +532,24 @@ class Trainer:
         finally:
             owner.guidance_scale = scale
 
-    def _update_matching(self, leaves: torch.Tensor, leaf_prompt: torch.Tensor, reward: torch.Tensor,
+    def _update_matching(self, leaves: torch.Tensor, leaf_prompt: torch.Tensor, scores: dict[str, torch.Tensor],
                          finite: torch.Tensor, cond: Any, streams: list[torch.Generator],
                          diversity: torch.Tensor | None = None) -> tuple[dict[str, float], int]:
         """optim.objective=flow_matching: DiffusionNFT's loss (`flow_matching_loss`) on the leaves.
 
-        Leaf advantages are the rewards standardised per prompt by the method's leaf rule (as its
-        leaves are for the policy gradient: unbiased_std, global_std, std_floor), or with
-        GARDO (`diversity`: each leaf's nearest-neighbour distance) its diversity-weighted ones. Each of
+        Leaf advantages are the policy gradient's leaf advantages (`leaf_advantages`): the rewards
+        combined as there, standardised per prompt by the method's leaf rule (unbiased_std,
+        global_std, std_floor), or with GARDO (`diversity`: each leaf's nearest-neighbour distance)
+        its diversity-weighted ones. Each of
         optim.matching_draws draws picks one schedule step and one noise per prompt, shared by its
         leaves: the noise's part of the gradient then cancels between a prompt's leaves, whose
         weights are centred. Prompts split into optim.minibatches optimiser steps (prompt p in
         minibatch p mod m); v_old is the rollout policy's velocity at the same inputs."""
         o, sched = self.config.optim, self.schedule
-        if diversity is not None:
-            advantage = diversity_weighted_advantages(reward, leaf_prompt, diversity, mask=finite)
-        else:
-            rule = self.method.advantage_rule  # the method's leaf rule (its edge rule has no part here)
-            advantage = normalize_by_group(reward, leaf_prompt, eps=1e-4, unbiased=rule.unbiased,
-                                           global_std=rule.global_std, std_floor=rule.std_floor, mask=finite,
-                                           sum_over_ranks=lambda t: all_sum(self.accelerator, t))
+        rule = self.method.advantage_rule  # the method's leaf rule (its edge rule has no part here)
+        advantage = leaf_advantages(scores, self.config.reward.weights, leaf_prompt, mask=finite, eps=1e-4,
+                                    unbiased=rule.unbiased, global_std=rule.global_std, std_floor=rule.std_floor,
+                                    sum_over_ranks=lambda t: all_sum(self.accelerator, t), diversity=diversity)
         r_all = matching_weights(advantage, leaf_prompt, finite)
         rows = finite.nonzero().squeeze(1)
         x0, group, r = leaves[rows].float(), leaf_prompt[rows], r_all[rows]
