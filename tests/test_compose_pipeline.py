@@ -40,7 +40,7 @@ def test_the_shipped_folder_is_a_small_sd3_pipeline():
     defaults = json.loads((FOLDER / DEFAULTS_FILE).read_text())
     assert defaults["max_sequence_length"] == 0 and defaults["resolution"] == 32
     policy = treegrpo.load_policy("compose")
-    assert isinstance(policy, SD3Policy) and policy.latent_shape == (4, 16, 16)
+    assert isinstance(policy, SD3Policy) and policy.latent_shape == (8, 8, 8)
     assert policy.guidance_scale == defaults["guidance_scale"] and policy.max_sequence_length == 0
 
 
@@ -117,11 +117,11 @@ def test_pretrain_makes_and_continues_a_loadable_pipeline(tmp_path):
     statistics in the autoencoder's config; `init` continues from it and changes only the denoiser."""
     from treegrpo.worlds.compose_pipeline import pretrain_compose
 
-    stats = pretrain_compose(tmp_path / "a", vae_steps=2, stages=((2, 1e-3),), dataset_size=32, progress=False)
+    stats = pretrain_compose(tmp_path / "a", vae_steps=2, steps=2, dataset_size=32, progress=False)
     first = StableDiffusion3Pipeline.from_pretrained(tmp_path / "a", text_encoder_3=None, tokenizer_3=None)
     assert first.vae.config.shift_factor == pytest.approx(stats["latent_mean"])
     assert first.vae.config.scaling_factor == pytest.approx(1 / stats["latent_std"])
-    pretrain_compose(tmp_path / "b", stages=((1, 1e-3),), dataset_size=32, init=tmp_path / "a", progress=False)
+    pretrain_compose(tmp_path / "b", steps=1, dataset_size=32, init=tmp_path / "a", progress=False)
     second = StableDiffusion3Pipeline.from_pretrained(tmp_path / "b", text_encoder_3=None, tokenizer_3=None)
     vae_a, vae_b = first.vae.state_dict(), second.vae.state_dict()
     assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)

@@ -246,11 +246,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.what == "compose":
         from treegrpo.worlds.compose_pipeline import pretrain_compose
 
-        kwargs = {"stages": ((args.steps, args.lr or 5e-4),)} if args.steps else {}
-        if args.init:
-            kwargs.setdefault("stages", ((3000, args.lr or 5e-4),))
+        given = {"steps": args.steps, "lr": args.lr, "caption_noise": args.caption_noise}
         result = pretrain_compose(args.out, seed=args.seed, init=args.init, progress=not args.quiet,
-                                  caption_noise=args.caption_noise, **kwargs)
+                                  **{k: v for k, v in given.items() if v is not None})
     elif args.what == "shapes":
         from treegrpo.worlds.pretrain import pretrain_shapes
 
@@ -375,14 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "shapes model or its reward classifier")
     pre.add_argument("what", choices=["compose", "shapes", "classifier"])
     pre.add_argument("--out", required=True, help="output folder (compose, shapes) or .safetensors file (classifier)")
-    pre.add_argument("--steps", type=int, default=None, help="training steps (compose: of one denoiser stage; "
-                     "default: the stages that made the shipped weights)")
+    pre.add_argument("--steps", type=int, default=None, help="training steps (compose: of the denoiser; "
+                     "default 8000, the clean-caption base's)")
     pre.add_argument("--init", metavar="PIPELINE_DIR", help="compose: continue the denoiser's training from this "
-                     "pipeline folder (e.g. src/treegrpo/assets/compose_sd3)")
-    pre.add_argument("--lr", type=float, default=None, help="compose: peak learning rate of the stage (default 5e-4)")
-    pre.add_argument("--caption-noise", type=float, default=0.0, metavar="Q",
+                     "pipeline folder (e.g. src/treegrpo/assets/compose_sd3), its autoencoder kept")
+    pre.add_argument("--lr", type=float, default=None, help="compose: the denoiser's peak learning rate "
+                     "(default 1e-3)")
+    pre.add_argument("--caption-noise", type=float, default=None, metavar="Q",
                      help="compose: the share of training scenes whose caption is wrong about the composition "
-                     "(colours swapped, one object too few or many, relation reversed), as web captions are")
+                     "(colours swapped, one object too few or many, relation reversed), as web captions are "
+                     "(default 0; the shipped weights end with a continuation at 0.4)")
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--quiet", action="store_true")
     pre.set_defaults(func=cmd_pretrain)

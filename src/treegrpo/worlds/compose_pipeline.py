@@ -9,15 +9,22 @@ Parts (stock diffusers / transformers classes, configured small):
   `joint_attention_dim`) and their pooled projections too (`pooled_projection_dim` 128). No T5:
   the pipeline then appends `max_sequence_length` zero tokens, so this model is used with
   `max_sequence_length=0` (stored in `treegrpo.json`, read by `load_policy`);
-- `AutoencoderKL` (factor 2: 32x32x3 images <-> 16x16x4 latents, no attention), with the latents'
+- `AutoencoderKL` (factor 4: 32x32x3 images <-> 8x8x8 latents, no attention), with the latents'
   measured mean and std as `shift_factor` / `scaling_factor`;
-- `SD3Transformer2DModel` (patch 2 -> 8x8 = 64 image tokens, width 64, 4 heads, 4 layers);
+- `SD3Transformer2DModel` (patch 1 -> 8x8 = 64 image tokens, width 64, 4 heads, 4 layers);
 - `FlowMatchEulerDiscreteScheduler` (shift 3).
+
+Why factor 4 with 8 channels and patch 1 rather than factor 2 with 4 channels and patch 2 (the same
+64 tokens and cost): the convolutional decoder then draws the edges, and the transformer only has to
+place a compact code per 4x4 pixel cell. Trained from scratch the same number of steps, the factor-4
+denoiser draws shapes the reward recognises far more often (docs/benchmarks.md section 16).
 
 `pretrain_compose` makes it from rendered scenes (`treegrpo pretrain compose --out DIR`): the VAE first
 (pixel L1 + a small KL), then transformer and text encoders together on the rectified-flow loss
-(velocity eps - z0, noise levels drawn with the schedule's shift, 10% empty prompts for CFG). The
-folder loads with plain `StableDiffusion3Pipeline.from_pretrained(DIR)`.
+(velocity eps - z0, noise levels drawn with the schedule's shift, 10% empty prompts for CFG), with an
+exponential moving average of the weights (what is saved). A share of the denoiser's training scenes
+can be mis-captioned (`caption_noise`), as web captions are wrong about composition. The folder loads
+with plain `StableDiffusion3Pipeline.from_pretrained(DIR)`.
 """
 
 from __future__ import annotations
@@ -69,12 +76,16 @@ def build_text_encoder(vocab_size: int, hidden: int = 64, layers: int = 3):
     return CLIPTextModelWithProjection(config)
 
 
+LATENT_CHANNELS = 8
+LATENT_SIDE = 8  # 32 px / factor 4
+
+
 def build_vae():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         latent_channels=4, norm_num_groups=8, sample_size=32, use_quant_conv=False,
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32, 64), layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         latent_channels=LATENT_CHANNELS, norm_num_groups=8, sample_size=32, use_quant_conv=False,
                          use_post_quant_conv=False, mid_block_add_attention=False, scaling_factor=1.0,
                          shift_factor=0.0)
 
@@ -82,10 +93,11 @@ def build_vae():
 def build_transformer(layers: int = 4, heads: int = 4, head_dim: int = 16):
     from diffusers import SD3Transformer2DModel
 
-    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
-                                 attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=128,
+    return SD3Transformer2DModel(sample_size=LATENT_SIDE, patch_size=1, in_channels=LATENT_CHANNELS,
+                                 out_channels=LATENT_CHANNELS, num_layers=layers, attention_head_dim=head_dim,
+                                 num_attention_heads=heads, joint_attention_dim=128,
                                  caption_projection_dim=heads * head_dim, pooled_projection_dim=128,
-                                 pos_embed_max_size=8)
+                                 pos_embed_max_size=LATENT_SIDE)
 
 
 def build_pipeline(seed: int = 0):
@@ -169,7 +181,7 @@ def train_vae(vae, steps: int, rng: random.Random, batch: int = 64, lr: float = 
 @torch.no_grad()
 def encode_dataset(vae, n: int, rng: random.Random, chunk: int = 500,
                    caption_noise: float = 0.0) -> tuple[list[str], torch.Tensor]:
-    """n (prompt, VAE latent mean [4, 16, 16]) pairs of freshly rendered scenes."""
+    """n (prompt, VAE latent mean [8, 8, 8]) pairs of freshly rendered scenes."""
     prompts, latents = [], []
     for s in range(0, n, chunk):
         p, images = sample_batch(min(chunk, n - s), rng, caption_noise)
@@ -192,17 +204,29 @@ def _encode_text(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_denoiser(pipe, prompts: list[str], latents: torch.Tensor, steps: int, rng: random.Random,
-                   batch: int = 256, lr: float = 1e-3, drop_prompt: float = 0.1, progress: bool = True,
-                   save_every: int = 0, save_to: Path | None = None) -> None:
+                   batch: int = 256, lr: float = 1e-3, drop_prompt: float = 0.1, ema_decay: float = 0.999,
+                   progress: bool = True, save_every: int = 0, save_to: Path | None = None) -> None:
     """Rectified flow on normalised latents: z_s = (1 - s) z0 + s eps, target eps - z0, s from the
-    shift-3 law s = 3u / (1 + 2u), u ~ U(0, 1); transformer and both text encoders train."""
+    shift-3 law s = 3u / (1 + 2u), u ~ U(0, 1); transformer and both text encoders train. With
+    ema_decay > 0 the weights left in `pipe` (and saved every `save_every` steps) are their
+    exponential moving average, warmed up as min(decay, (1 + n) / (10 + n))."""
     modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ema = [p.detach().clone() for p in params] if ema_decay > 0 else None
     for m in modules:
         m.train()
     g = torch.Generator().manual_seed(rng.randrange(2**31))
     start = time.time()
+
+    def swap() -> None:  # exchange the training weights and their average
+        if ema is not None:
+            with torch.no_grad():
+                for p, e in zip(params, ema):
+                    tmp = p.detach().clone()
+                    p.copy_(e)
+                    e.copy_(tmp)
+
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(step, steps, lr)
@@ -221,12 +245,20 @@ def train_denoiser(pipe, prompts: list[str], latents: torch.Tensor, steps: int, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if ema is not None:
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(ema, params):
+                    e.lerp_(p.detach(), 1 - decay)
         if step % 100 == 0 or step == steps - 1:
             _log(f"denoiser step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)", progress)
         if save_every and save_to is not None and step and step % save_every == 0:
+            swap()
             save_pipeline(pipe, save_to)
+            swap()
             for m in modules:
                 m.train()
+    swap()  # leave the average in the pipeline
     for m in modules:
         m.eval()
 
@@ -239,47 +271,64 @@ def save_pipeline(pipe, out: Path, guidance_scale: float = 4.5) -> None:
         {"max_sequence_length": 0, "guidance_scale": guidance_scale, "resolution": 32}, indent=1) + "\n")
 
 
-# The autoencoder, then the denoiser in stages of (steps, peak lr), each stage on a freshly rendered
-# and encoded data set with a fresh optimiser and cosine schedule. The shipped weights are these two
-# stages plus a third and a fourth (`--init` with 3,000 steps at lr 3e-4, seeds 2 and 3); README
-# "Status" lists the commands.
-SHIPPED_VAE_STEPS = 1200
-SHIPPED_STAGES = ((2500, 1e-3), (3000, 5e-4))
+# From scratch with these defaults: the clean-caption base (seed 0, one CPU thread). The shipped
+# weights continue it on mis-captioned scenes (README "The compositional world" lists both commands
+# and the measured result).
+SHIPPED_VAE_STEPS = 2000
+SHIPPED_STEPS = 8000
+SHIPPED_LR = 1e-3
 
 
-def pretrain_compose(out: str | Path, seed: int = 0, vae_steps: int = SHIPPED_VAE_STEPS,
-                     stages: tuple[tuple[int, float], ...] = SHIPPED_STAGES, dataset_size: int = 60_000,
-                     init: str | Path | None = None, progress: bool = True, save_every: int = 500,
-                     caption_noise: float = 0.0) -> dict[str, Any]:
-    """Make the embedded pipeline into `out` (see the module docstring): from scratch, or, with `init`
-    (a pipeline folder), continue the denoiser's training from it (its autoencoder kept).
+def pretrain_compose(out: str | Path, seed: int = 0, vae_steps: int = SHIPPED_VAE_STEPS, steps: int = SHIPPED_STEPS,
+                     lr: float = SHIPPED_LR, dataset_size: int = 60_000, init: str | Path | None = None,
+                     progress: bool = True, save_every: int = 1000, caption_noise: float = 0.0,
+                     ema_decay: float = 0.999, num_threads: int | None = 1) -> dict[str, Any]:
+    """Make the embedded pipeline into `out` (see the module docstring): from scratch (the
+    autoencoder, then the denoiser), or with `init` (a pipeline folder) continue the denoiser's
+    training from it, its autoencoder and latent statistics kept.
 
-    stages: (steps, peak lr) of the denoiser; stage j draws its data with random.Random(seed + j).
-    caption_noise: the share of the denoiser's training scenes whose caption is wrong about the
-    composition (`miscaptioned`); the autoencoder's data do not depend on it."""
-    out = Path(out)
-    first_rng = random.Random(seed)  # the autoencoder's and stage 0's data
+    steps, lr: the denoiser's steps and peak learning rate (warm-up, then cosine); its data are
+    `dataset_size` fresh renders drawn with random.Random(seed) (seed + 1 with `init`, so a
+    continuation sees new scenes). caption_noise: the share of the denoiser's training scenes whose
+    caption is wrong about the composition (`miscaptioned`); the autoencoder's data do not depend
+    on it. num_threads: torch's CPU threads while it runs (restored after; results depend on the
+    thread count, so the shipped weights pin one). Returns {"out", "latent_mean", "latent_std" (from
+    scratch), "seconds"}."""
+    was_threads = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        return _pretrain_compose(Path(out), seed, vae_steps, steps, lr, dataset_size, init, progress, save_every,
+                                 caption_noise, ema_decay)
+    finally:
+        torch.set_num_threads(was_threads)
+
+
+def _pretrain_compose(out: Path, seed: int, vae_steps: int, steps: int, lr: float, dataset_size: int,
+                      init: str | Path | None, progress: bool, save_every: int, caption_noise: float,
+                      ema_decay: float) -> dict[str, Any]:
+    start = time.time()
+    rng = random.Random(seed)
+    stats: dict[str, Any] = {"out": str(out)}
     if init is not None:
         from diffusers import StableDiffusion3Pipeline
 
         pipe = StableDiffusion3Pipeline.from_pretrained(init, text_encoder_3=None, tokenizer_3=None,
                                                         local_files_only=True)
-        first_stage = 1
+        rng = random.Random(seed + 1)
     else:
         pipe = build_pipeline(seed)
-        train_vae(pipe.vae, vae_steps, first_rng, progress=progress)
+        train_vae(pipe.vae, vae_steps, rng, progress=progress)
         pipe.vae.save_pretrained(out / "vae")  # kept while the denoiser trains
-        first_stage = 0
-    stats: dict[str, Any] = {"out": str(out)}
-    for j, (steps, lr) in enumerate(stages, start=first_stage):
-        rng = first_rng if j == 0 else random.Random(seed + j)
-        prompts, latents = encode_dataset(pipe.vae, dataset_size, rng, caption_noise=caption_noise)
-        if init is None and j == 0:
-            mean, std = float(latents.mean()), float(latents.std())
-            pipe.vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
-            stats.update(latent_mean=mean, latent_std=std)
-            _log(f"latents: mean {mean:.4f} std {std:.4f}", progress)
-        latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
-        train_denoiser(pipe, prompts, latents, steps, rng, lr=lr, progress=progress, save_every=save_every, save_to=out)
-        save_pipeline(pipe, out)
+    prompts, latents = encode_dataset(pipe.vae, dataset_size, rng, caption_noise=caption_noise)
+    if init is None:
+        mean, std = float(latents.mean()), float(latents.std())
+        pipe.vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
+        stats.update(latent_mean=mean, latent_std=std)
+        _log(f"latents: mean {mean:.4f} std {std:.4f}", progress)
+    latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    train_denoiser(pipe, prompts, latents, steps, rng, lr=lr, ema_decay=ema_decay, progress=progress,
+                   save_every=save_every, save_to=out)
+    save_pipeline(pipe, out)
+    stats["seconds"] = round(time.time() - start, 1)
     return stats
