@@ -168,3 +168,29 @@ def test_the_flow_matching_objective_combines_several_rewards_as_the_policy_grad
     torch.testing.assert_close(out, expected, atol=1e-3, rtol=0)  # (the combined sum is standardised twice: eps apart)
     raw_sum = normalize_by_group(a + b, group, eps=1e-4)  # what the raw sum would have trained
     assert not torch.allclose(out, raw_sum, atol=0.05)
+
+
+@pytest.mark.parametrize("steps", ["all", "stochastic"])
+def test_matching_steps_stochastic_draws_only_the_rollout_s_stochastic_steps(tmp_path, monkeypatch, steps):
+    """optim.matching_steps=stochastic: the flow-matching draws' noise levels are those of the
+    steps where the tree branched (TreeGRPO's window, here steps 3 and 4 of 10); "all" draws every
+    step (16 draws landing only on those two by chance: 0.2^16; seeded, so the test is exact)."""
+    from treegrpo.trainer import Trainer as TrainerClass
+
+    seen: list[torch.Tensor] = []
+    real = TrainerClass._velocity
+
+    def spy(self, policy, x, times, *rest):
+        seen.append(torch.as_tensor(times).flatten())
+        return real(self, policy, x, times, *rest)
+
+    monkeypatch.setattr(TrainerClass, "_velocity", spy)
+    _one_matching_iteration(tmp_path, "reward.weights={test_spread: 1.0}", "reward.eval=[test_spread]",
+                            "method.window_mode=fixed", "method.window_start=3", "model.num_steps=10",
+                            f"optim.matching_steps={steps}")
+    drawn = set(torch.cat(seen).tolist())
+    config = load_config(None, ["model.family=analytic", "model.num_steps=10"])
+    times = Trainer(config, tmp_path / "probe", policy=GaussianPolicy(data_std=0.5, latent_shape=(1, 4, 4)),
+                    train_prompts=["p0"]).schedule.times
+    window = {float(times[3]), float(times[4])}
+    assert drawn == window if steps == "stochastic" else not drawn <= window

@@ -142,6 +142,10 @@ class OptimConfig:
     matching_draws: int = 4  # (step, noise) draws per prompt per iteration, shared by its leaves
     matching_guidance: bool = True  # train the guided velocity as sampled; false: the conditional branch alone
     matching_negatives: bool = True  # false: pull towards the above-mean leaves only (no push from the others)
+    # Which schedule steps the draws pick: "all" (uniform, DiffusionNFT's) or "stochastic": the steps
+    # where this iteration's rollout branched or drew noise (TreeGRPO's window), the noise levels at
+    # which its leaves came to differ, so a leaf's advantage is credited where it was decided.
+    matching_steps: str = "all"
 
 
 @dataclass
@@ -344,6 +348,8 @@ def validate(config: Config) -> None:
          "method.unbiased_std, global_std and std_floor): leave them at their defaults, or use optim.objective=both"),
         (o.matching_beta > 0, f"optim.matching_beta must be > 0, got {o.matching_beta}"),
         (o.matching_draws >= 1, f"optim.matching_draws must be >= 1, got {o.matching_draws}"),
+        (o.matching_steps in ("all", "stochastic"),
+         f"optim.matching_steps must be all or stochastic, got {o.matching_steps!r}"),
         (0 <= m.window_explore <= 1, f"method.window_explore must be in [0, 1], got {m.window_explore}"),
         (0 <= m.window_decay < 1, f"method.window_decay must be in [0, 1), got {m.window_decay}"),
         (0 < m.prune_keep <= 1, f"method.prune_keep must be in (0, 1] (1 = no pruning), got {m.prune_keep}"),

@@ -62,7 +62,7 @@ from treegrpo.steps import gaussian_log_prob
 from treegrpo.stopping import StopSignals, TrainingStopped
 from treegrpo.tracking import RunLogger, truncate_metrics
 from treegrpo.pruning import max_spread_subset, probe_correlation
-from treegrpo.tree import EdgeBatch, sibling_spread, trained_edges
+from treegrpo.tree import EdgeBatch, TreeShape, sibling_spread, trained_edges
 from treegrpo.tree_record import TreeRecord, record_tree
 
 
@@ -390,7 +390,7 @@ class Trainer:
                 # After the policy gradient's steps (objective both) the flow-matching step starts
                 # from the updated weights; its loss and gradient norm keep their own names then.
                 stats, calls = self._update_matching(tree.leaves, tree.leaf_prompt, scores, finite, cond, streams,
-                                                     diversity=nn_distance)
+                                                     diversity=nn_distance, shape=shape)
                 if c.optim.objective == "both":
                     stats = {("train/matching_grad_norm" if k == "train/grad_norm" else k): v
                              for k, v in stats.items() if k != "train/loss"}
@@ -534,7 +534,8 @@ class Trainer:
 
     def _update_matching(self, leaves: torch.Tensor, leaf_prompt: torch.Tensor, scores: dict[str, torch.Tensor],
                          finite: torch.Tensor, cond: Any, streams: list[torch.Generator],
-                         diversity: torch.Tensor | None = None) -> tuple[dict[str, float], int]:
+                         diversity: torch.Tensor | None = None,
+                         shape: TreeShape | None = None) -> tuple[dict[str, float], int]:
         """optim.objective=flow_matching: DiffusionNFT's loss (`flow_matching_loss`) on the leaves.
 
         Leaf advantages are the policy gradient's leaf advantages (`leaf_advantages`): the rewards
@@ -544,8 +545,12 @@ class Trainer:
         optim.matching_draws draws picks one schedule step and one noise per prompt, shared by its
         leaves: the noise's part of the gradient then cancels between a prompt's leaves, whose
         weights are centred. Prompts split into optim.minibatches optimiser steps (prompt p in
-        minibatch p mod m); v_old is the rollout policy's velocity at the same inputs."""
+        minibatch p mod m); v_old is the rollout policy's velocity at the same inputs. With
+        optim.matching_steps=stochastic the steps are drawn among `shape`'s stochastic steps only."""
         o, sched = self.config.optim, self.schedule
+        steps = torch.arange(len(sched.times))
+        if o.matching_steps == "stochastic" and shape is not None and any(shape.stochastic):
+            steps = torch.tensor([i for i, s in enumerate(shape.stochastic) if s])
         rule = self.method.advantage_rule  # the method's leaf rule (its edge rule has no part here)
         advantage = leaf_advantages(scores, self.config.reward.weights, leaf_prompt, mask=finite, eps=1e-4,
                                     unbiased=rule.unbiased, global_std=rule.global_std, std_floor=rule.std_floor,
@@ -555,7 +560,7 @@ class Trainer:
         x0, group, r = leaves[rows].float(), leaf_prompt[rows], r_all[rows]
         xs, times, targets, prompts, weights = [], [], [], [], []
         for _ in range(o.matching_draws):
-            step = torch.stack([torch.randint(0, len(sched.times), (1,), generator=s) for s in streams]).view(-1)
+            step = steps[torch.stack([torch.randint(0, len(steps), (1,), generator=s) for s in streams]).view(-1)]
             eps = torch.stack([torch.randn(leaves.shape[1:], generator=s) for s in streams])
             sigma = sched.sigmas[step[group]].view(-1, *([1] * (x0.ndim - 1))).to(x0)
             noise = eps[group].to(x0)
