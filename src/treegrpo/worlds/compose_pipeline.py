@@ -29,6 +29,7 @@ with plain `StableDiffusion3Pipeline.from_pretrained(DIR)`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -210,23 +211,18 @@ def train_denoiser(pipe, prompts: list[str], latents: torch.Tensor, steps: int, 
     shift-3 law s = 3u / (1 + 2u), u ~ U(0, 1); transformer and both text encoders train. With
     ema_decay > 0 the weights left in `pipe` (and saved every `save_every` steps) are their
     exponential moving average, warmed up as min(decay, (1 + n) / (10 + n))."""
+    from treegrpo.ema import EMA
+
     modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
-    params = [p for m in modules for p in m.parameters()]
+    named = {f"{j}.{n}": p for j, m in enumerate(modules) for n, p in m.named_parameters()}
+    params = list(named.values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    ema = [p.detach().clone() for p in params] if ema_decay > 0 else None
+    ema = EMA(named, ema_decay) if ema_decay > 0 else None
+    averaged = ema.applied if ema is not None else contextlib.nullcontext
     for m in modules:
         m.train()
     g = torch.Generator().manual_seed(rng.randrange(2**31))
     start = time.time()
-
-    def swap() -> None:  # exchange the training weights and their average
-        if ema is not None:
-            with torch.no_grad():
-                for p, e in zip(params, ema):
-                    tmp = p.detach().clone()
-                    p.copy_(e)
-                    e.copy_(tmp)
-
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(step, steps, lr)
@@ -246,19 +242,19 @@ def train_denoiser(pipe, prompts: list[str], latents: torch.Tensor, steps: int, 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if ema is not None:
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for e, p in zip(ema, params):
-                    e.lerp_(p.detach(), 1 - decay)
+            ema.decay = min(ema_decay, (1 + step) / (10 + step))  # warm-up: early weights forgotten fast
+            ema.update()
         if step % 100 == 0 or step == steps - 1:
             _log(f"denoiser step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)", progress)
         if save_every and save_to is not None and step and step % save_every == 0:
-            swap()
-            save_pipeline(pipe, save_to)
-            swap()
+            with averaged():
+                save_pipeline(pipe, save_to)
             for m in modules:
                 m.train()
-    swap()  # leave the average in the pipeline
+    if ema is not None:  # leave the average in the pipeline
+        with torch.no_grad():
+            for name, p in named.items():
+                p.copy_(ema.shadow[name])
     for m in modules:
         m.eval()
 
