@@ -210,3 +210,30 @@ def test_flow_matching_trains_the_conditional_velocity_when_asked(tmp_path, lora
             torch.testing.assert_close(tr._velocity(tr.reference, x, t, tr.policy.encode_prompts(PROMPTS), prompt), want)
     assert (guided - conditional).abs().max() > 1e-3
     assert trainers["false"].policy.guidance_scale == scale  # restored
+
+
+def test_pretraining_scenes_follow_position_share_and_relation_margin():
+    """`position_share` sets the position template's share of a pretraining batch, and every position
+    scene keeps `relation_margin` px between the detected centres on its axis (the detector shares no
+    code with the placement); out-of-range values are refused before any training."""
+    import random
+
+    from treegrpo.rewards.compose import _match, _relation_margin, detect
+    from treegrpo.worlds.compose import parse_prompt
+    from treegrpo.worlds.compose_pipeline import pretrain_compose, sample_batch
+
+    texts, images = sample_batch(300, random.Random(2), position_share=0.7, relation_margin=12.0)
+    specs = [parse_prompt(t) for t in texts]
+    position = [i for i, s in enumerate(specs) if s.template == "position"]
+    assert 0.6 < len(position) / len(texts) < 0.8
+    dets = detect(images[position])
+    margins = []
+    for i, d in zip(position, dets):
+        (a, _), (b, _) = _match(specs[i], d)
+        margins.append(_relation_margin(a, b, specs[i].relation))
+    assert min(margins) > 11.0  # rendered at > 12 px; the detector's centres are within a pixel
+    texts_default, _ = sample_batch(300, random.Random(3))
+    assert 0.15 < sum(parse_prompt(t).template == "position" for t in texts_default) / 300 < 0.35
+    for bad in ({"relation_margin": 2.0}, {"relation_margin": 20.0}, {"position_share": 1.5}):
+        with pytest.raises(ValueError):
+            pretrain_compose("unused", **bad)

@@ -5,6 +5,7 @@
     treegrpo eval --checkpoint {base|shapes|RUN_DIR|PATH} [--rewards a,b] [--prompts heldout|train|shapes|FILE] [--seeds N]
                   [--reward-option NAME:KEY=VALUE ...] [--images DIR] [--baseline BASE.json] [--out FILE.json]
     treegrpo pretrain {compose|shapes|classifier} [--out PATH] [--steps N] [--seed S] [--caption-noise Q]
+                      [--position-share P] [--relation-margin PX]
     treegrpo bench [--methods a,b] [--seeds 0 1 2] [--variant NAME:key=value,...] [--lr-sweep 1e-4,2e-4]
                    [--eval-every N] [--reach interpolate|first] [--quick] [--out DIR]
     treegrpo report {RUN_DIR|BENCH_DIR} [--out FILE]
@@ -246,7 +247,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.what == "compose":
         from treegrpo.worlds.compose_pipeline import pretrain_compose
 
-        given = {"steps": args.steps, "lr": args.lr, "caption_noise": args.caption_noise}
+        given = {"steps": args.steps, "lr": args.lr, "caption_noise": args.caption_noise,
+                 "position_share": args.position_share, "relation_margin": args.relation_margin}
         result = pretrain_compose(args.out, seed=args.seed, init=args.init, progress=not args.quiet,
                                   **{k: v for k, v in given.items() if v is not None})
     elif args.what == "shapes":
@@ -383,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compose: the share of training scenes whose caption is wrong about the composition "
                      "(colours swapped, one object too few or many, relation reversed), as web captions are "
                      "(default 0; the shipped weights end with a continuation at 0.4)")
+    pre.add_argument("--position-share", type=float, default=None, metavar="P",
+                     help="compose: the position template's share of the training scenes (default 0.25, as "
+                     "every template)")
+    pre.add_argument("--relation-margin", type=float, default=None, metavar="PX",
+                     help="compose: px between a position scene's two centres on the relation's axis (default 6)")
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--quiet", action="store_true")
     pre.set_defaults(func=cmd_pretrain)

@@ -175,9 +175,10 @@ def _relation_holds(a: tuple[float, float], b: tuple[float, float], relation: st
     raise ValueError(f"unknown relation {relation!r}")
 
 
-def sample_scene(spec: PromptSpec, rng: random.Random, size: int = IMAGE_SIZE, tries: int = 1000) -> list[Placed]:
+def sample_scene(spec: PromptSpec, rng: random.Random, size: int = IMAGE_SIZE, tries: int = 1000,
+                 relation_margin: float = RELATION_MARGIN) -> list[Placed]:
     """A random layout that satisfies `spec`: radii uniform in RADIUS_RANGE, inside the image,
-    apart by MIN_GAP, position prompts with RELATION_MARGIN on the axis (rejection sampling)."""
+    apart by MIN_GAP, position prompts with `relation_margin` px on the axis (rejection sampling)."""
     for _ in range(tries):
         placed: list[Placed] = []
         for obj in spec.objects:
@@ -192,7 +193,7 @@ def sample_scene(spec: PromptSpec, rng: random.Random, size: int = IMAGE_SIZE, t
         if len(placed) != len(spec.objects):
             continue
         if spec.relation is not None and not _relation_holds(
-                (placed[0].cx, placed[0].cy), (placed[1].cx, placed[1].cy), spec.relation, RELATION_MARGIN):
+                (placed[0].cx, placed[0].cy), (placed[1].cx, placed[1].cy), spec.relation, relation_margin):
             continue
         return placed
     raise RuntimeError(f"could not place the objects of {spec.text!r} in {tries} tries")

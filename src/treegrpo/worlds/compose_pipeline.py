@@ -40,8 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from treegrpo.worlds.compose import (NUMBERS, TEMPLATES, Obj, PromptSpec, all_specs, render_scenes, sample_scene,
-                                     world_words)
+from treegrpo.worlds.compose import (NUMBERS, RELATION_MARGIN, TEMPLATES, Obj, PromptSpec, all_specs, render_scenes,
+                                     sample_scene, world_words)
 
 DEFAULT_PIPELINE = Path(__file__).resolve().parent.parent / "assets" / "compose_sd3"
 MAX_LENGTH = 16
@@ -136,14 +136,24 @@ def miscaptioned(spec: PromptSpec, rng: random.Random) -> PromptSpec:
     return spec
 
 
-def sample_batch(n: int, rng: random.Random, caption_noise: float = 0.0) -> tuple[list[str], torch.Tensor]:
+def sample_batch(n: int, rng: random.Random, caption_noise: float = 0.0, position_share: float | None = None,
+                 relation_margin: float = RELATION_MARGIN) -> tuple[list[str], torch.Tensor]:
     """n prompts (templates equally likely, prompts uniform within a template) and one rendered
     scene each: (prompts, images [n, 3, 32, 32] in [0, 1]). caption_noise: the share of scenes that
-    show `miscaptioned(prompt)` instead of the prompt."""
+    show `miscaptioned(prompt)` instead of the prompt. position_share: the position template's share
+    (the other three share the rest equally); relation_margin: px between a position scene's two
+    centres on the relation's axis."""
     by_template = {t: [s for s in all_specs() if s.template == t] for t in TEMPLATES}
-    specs = [rng.choice(by_template[rng.choice(TEMPLATES)]) for _ in range(n)]
+    weights = None if position_share is None else [
+        (1 - position_share) / 3 if t != "position" else position_share for t in TEMPLATES]
+
+    def template() -> str:
+        return rng.choice(TEMPLATES) if weights is None else rng.choices(TEMPLATES, weights=weights)[0]
+
+    specs = [rng.choice(by_template[template()]) for _ in range(n)]
     shown = [miscaptioned(s, rng) if rng.random() < caption_noise else s for s in specs]
-    return [s.text for s in specs], render_scenes([sample_scene(s, rng) for s in shown])
+    scenes = [sample_scene(s, rng, relation_margin=relation_margin) for s in shown]
+    return [s.text for s in specs], render_scenes(scenes)
 
 
 def _log(message: str, progress: bool) -> None:
@@ -180,12 +190,12 @@ def train_vae(vae, steps: int, rng: random.Random, batch: int = 64, lr: float = 
 
 
 @torch.no_grad()
-def encode_dataset(vae, n: int, rng: random.Random, chunk: int = 500,
-                   caption_noise: float = 0.0) -> tuple[list[str], torch.Tensor]:
-    """n (prompt, VAE latent mean [8, 8, 8]) pairs of freshly rendered scenes."""
+def encode_dataset(vae, n: int, rng: random.Random, chunk: int = 500, **scenes) -> tuple[list[str], torch.Tensor]:
+    """n (prompt, VAE latent mean [8, 8, 8]) pairs of freshly rendered scenes (`scenes`: sample_batch's
+    options)."""
     prompts, latents = [], []
     for s in range(0, n, chunk):
-        p, images = sample_batch(min(chunk, n - s), rng, caption_noise)
+        p, images = sample_batch(min(chunk, n - s), rng, **scenes)
         prompts += p
         latents.append(vae.encode(images * 2 - 1).latent_dist.mean)
     return prompts, torch.cat(latents)
@@ -278,6 +288,7 @@ SHIPPED_LR = 1e-3
 def pretrain_compose(out: str | Path, seed: int = 0, vae_steps: int = SHIPPED_VAE_STEPS, steps: int = SHIPPED_STEPS,
                      lr: float = SHIPPED_LR, dataset_size: int = 60_000, init: str | Path | None = None,
                      progress: bool = True, save_every: int = 1000, caption_noise: float = 0.0,
+                     position_share: float | None = None, relation_margin: float = RELATION_MARGIN,
                      ema_decay: float = 0.999, num_threads: int | None = 1) -> dict[str, Any]:
     """Make the embedded pipeline into `out` (see the module docstring): from scratch (the
     autoencoder, then the denoiser), or with `init` (a pipeline folder) continue the denoiser's
@@ -286,22 +297,30 @@ def pretrain_compose(out: str | Path, seed: int = 0, vae_steps: int = SHIPPED_VA
     steps, lr: the denoiser's steps and peak learning rate (warm-up, then cosine); its data are
     `dataset_size` fresh renders drawn with random.Random(seed) (seed + 1 with `init`, so a
     continuation sees new scenes). caption_noise: the share of the denoiser's training scenes whose
-    caption is wrong about the composition (`miscaptioned`); the autoencoder's data do not depend
-    on it. num_threads: torch's CPU threads while it runs (restored after; results depend on the
+    caption is wrong about the composition (`miscaptioned`); position_share (default: a quarter, as
+    every template) and relation_margin (px between a position scene's centres on the relation's
+    axis, more than the reward's 2) shape the denoiser's scenes too; the autoencoder's data do not
+    depend on them. num_threads: torch's CPU threads while it runs (restored after; results depend on the
     thread count, so the shipped weights pin one). Returns {"out", "latent_mean", "latent_std" (from
     scratch), "seconds"}."""
+    if position_share is not None and not 0 <= position_share <= 1:
+        raise ValueError(f"position_share must be in [0, 1], got {position_share}")
+    if not 2 < relation_margin <= 16:
+        raise ValueError(f"relation_margin must be in (2, 16] px (the reward needs more than 2; the image is "
+                         f"32 px), got {relation_margin}")
+    scenes = {"caption_noise": caption_noise, "position_share": position_share, "relation_margin": relation_margin}
     was_threads = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
         return _pretrain_compose(Path(out), seed, vae_steps, steps, lr, dataset_size, init, progress, save_every,
-                                 caption_noise, ema_decay)
+                                 scenes, ema_decay)
     finally:
         torch.set_num_threads(was_threads)
 
 
 def _pretrain_compose(out: Path, seed: int, vae_steps: int, steps: int, lr: float, dataset_size: int,
-                      init: str | Path | None, progress: bool, save_every: int, caption_noise: float,
+                      init: str | Path | None, progress: bool, save_every: int, scenes: dict[str, Any],
                       ema_decay: float) -> dict[str, Any]:
     start = time.time()
     rng = random.Random(seed)
@@ -316,7 +335,7 @@ def _pretrain_compose(out: Path, seed: int, vae_steps: int, steps: int, lr: floa
         pipe = build_pipeline(seed)
         train_vae(pipe.vae, vae_steps, rng, progress=progress)
         pipe.vae.save_pretrained(out / "vae")  # kept while the denoiser trains
-    prompts, latents = encode_dataset(pipe.vae, dataset_size, rng, caption_noise=caption_noise)
+    prompts, latents = encode_dataset(pipe.vae, dataset_size, rng, **scenes)
     if init is None:
         mean, std = float(latents.mean()), float(latents.std())
         pipe.vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
