@@ -1,6 +1,6 @@
 """Does a rollout's tree carry the relation signal, and which objective learns from it?
 
-Three uses (docs/benchmarks.md section 11):
+Four uses (docs/benchmarks.md sections 11 and 18):
 
     # the position prompts of the training and held-out splits, one per line, for train.prompts and
     # eval.prompts below (OUT/position_train.txt, OUT/position_heldout.txt)
@@ -9,6 +9,11 @@ Three uses (docs/benchmarks.md section 11):
     # within-tree vs total variance of the relation verdict on 16 position training prompts, one
     # tree each (the demo's k = 3, w = 3), branching at the given window starts
     .venv/bin/python benchmarks/relation_signal.py variance 0 4
+
+    # does a pipeline follow the relation words? ODE samples of 64 training position prompts x 8 seeds:
+    # the share where both named objects are found, and among those the share where the named
+    # relation holds by more than 2 px and where its reverse does (chance: about equal)
+    .venv/bin/python benchmarks/relation_signal.py follows src/treegrpo/assets/compose_sd3
 
     # `treegrpo train ...` with the reward `relation` registered: 1 when a position prompt's two named
     # objects are found and the relation holds by more than 2 px (the strict reward's relation test),
@@ -53,6 +58,34 @@ class Relation:
         return relation_holds(images, prompts)
 
 
+def relation_following(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    """Over position prompts' images: the share with both named objects found ("found"), and among
+    those the shares where the named relation holds by more than RELATION_MIN px ("holds") and where
+    its reverse does ("reversed")."""
+    margins = []
+    for prompt, dets in zip(prompts, detect(images)):
+        spec = parse_prompt(prompt)
+        (a, _), (b, _) = _match(spec, dets)
+        if a is not None and b is not None:
+            margins.append(_relation_margin(a, b, spec.relation))
+    m = torch.tensor(margins)
+    return {"found": len(margins) / len(prompts), "holds": float((m > RELATION_MIN).float().mean()),
+            "reversed": float((m < -RELATION_MIN).float().mean())}
+
+
+def follows(pipeline: str, num_prompts: int = 64, num_seeds: int = 8) -> None:
+    from treegrpo.evaluation import ode_sample
+    from treegrpo.policies.loading import load_policy
+
+    torch.set_num_threads(1)
+    pool = [p for p in load_prompts("train") if parse_prompt(p).template == "position"]
+    prompts = [pool[i] for i in torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:num_prompts]]
+    images = ode_sample(load_policy(pipeline), prompts, list(range(num_seeds)), 10)
+    r = relation_following(images, [p for p in prompts for _ in range(num_seeds)])
+    print(f"{pipeline}: both objects found {r['found']:.3f}; relation holds {r['holds']:.3f}, "
+          f"reversed {r['reversed']:.3f}")
+
+
 def variance(starts: list[int], num_prompts: int = 16) -> None:
     from treegrpo.trainer import Trainer
 
@@ -87,12 +120,16 @@ def write_position_prompts(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in ("prompts", "variance", "train"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("prompts", "variance", "follows", "train"):
         sys.exit(__doc__)
     if sys.argv[1] == "prompts":
         if len(sys.argv) != 3:
             sys.exit(__doc__)
         write_position_prompts(Path(sys.argv[2]))
+    elif sys.argv[1] == "follows":
+        if len(sys.argv) != 3:
+            sys.exit(__doc__)
+        follows(sys.argv[2])
     elif sys.argv[1] == "variance":
         variance([int(s) for s in sys.argv[2:]] or [0, 4])
     else:

@@ -26,6 +26,9 @@ def test_the_relation_reward_passes_clean_renders_and_fails_reversed_ones():
                                for i, s in enumerate(specs)])
     assert relation_signal.relation_holds(clean, position).mean() > 0.97
     assert relation_signal.relation_holds(reversed_, position).mean() < 0.03
+    assert relation_signal.relation_following(clean, position) == {"found": 1.0, "holds": 1.0, "reversed": 0.0}
+    backwards = relation_signal.relation_following(reversed_, position)
+    assert backwards["found"] == 1.0 and backwards["holds"] == 0.0 and backwards["reversed"] == 1.0
     others = render_scenes([sample_scene(parse_prompt(p), random.Random(i)) for i, p in enumerate(other)])
     assert relation_signal.relation_holds(others, other).tolist() == [1.0] * len(other)
 
