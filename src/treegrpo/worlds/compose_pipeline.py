@@ -299,9 +299,10 @@ def pretrain_compose(out: str | Path, seed: int = 0, vae_steps: int = SHIPPED_VA
     continuation sees new scenes). caption_noise: the share of the denoiser's training scenes whose
     caption is wrong about the composition (`miscaptioned`); position_share (default: a quarter, as
     every template) and relation_margin (px between a position scene's centres on the relation's
-    axis, more than the reward's 2) shape the denoiser's scenes too; the autoencoder's data do not
-    depend on them. num_threads: torch's CPU threads while it runs (restored after; results depend on the
-    thread count, so the shipped weights pin one). Returns {"out", "latent_mean", "latent_std" (from
+    axis, more than the reward's 2) shape the denoiser's scenes too (a 12 px margin teaches the
+    relation words, docs/benchmarks.md section 18); the autoencoder's data do not depend on them.
+    num_threads: torch's CPU threads while it runs (restored after; results depend on the thread
+    count, so the shipped weights pin one). Returns {"out", "latent_mean", "latent_std" (from
     scratch), "seconds"}."""
     if position_share is not None and not 0 <= position_share <= 1:
         raise ValueError(f"position_share must be in [0, 1], got {position_share}")
