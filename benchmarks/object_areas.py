@@ -16,16 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from treegrpo.evaluation import load_image_folder
 from treegrpo.rewards.compose import detect
 
 
 def areas(folder: Path) -> list[float]:
-    rows = [json.loads(line) for line in (folder / "index.jsonl").read_text().splitlines()]
-    images = torch.stack([torch.from_numpy(np.asarray(Image.open(folder / r["file"]).convert("RGB"),
-                                                      dtype=np.float32) / 255).permute(2, 0, 1) for r in rows])
-    return [d.area for found in detect(images) for d in found]
+    images, _ = load_image_folder(folder)
+    return [d.area for found in detect(torch.stack(images)) for d in found]
 
 
 def main() -> int:
