@@ -51,8 +51,9 @@ demo: $(STAMP)
 # method's rollout and leaf rule, all trained with the demo's flow-matching objective (the policy
 # gradient does not learn on this world, section 8), 150 s of training each, 3 seeds, held-out
 # evaluation every 6 iterations on 300 prompts x 2 seeds (about 50 minutes on 2 cores). Each
-# method's own objective instead: `treegrpo bench --out runs/bench`. lr 5e-5 without the drift penalty: section
-# 17's setting (the demo's until section 19 added optim.kl_coef=0.1 at lr 1e-4; the bench not yet rerun with it).
+# method's own objective instead: `treegrpo bench --out runs/bench`. lr 5e-5 without the drift
+# penalty: section 17's setting, the demo's until section 19 moved it to lr 1e-4 with
+# optim.kl_coef=0.1 (the bench is not yet rerun that way).
 BENCH_COMPOSE := optim.objective=flow_matching optim.matching_guidance=false optim.lr=5e-5 optim.kl_coef=0 \
   optim.minibatches=1 optim.ema_decay=0.9 method.per_depth=false eval.num_seeds=2
 bench: $(STAMP)
