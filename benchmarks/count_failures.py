@@ -53,6 +53,8 @@ def main(folders: list[str]) -> None:
     for folder in folders:
         images, prompts = load_image_folder(folder)
         keep = [i for i, p in enumerate(prompts) if parse_prompt(p).template == "count"]
+        if not keep:
+            sys.exit(f"{folder}: no counting prompts among its {len(prompts)} images")
         verdicts = count_verdicts(torch.stack([images[i] for i in keep]), [prompts[i] for i in keep])
         tally = collections.Counter(verdicts)
         print(folder, json.dumps({"images": len(keep), **{v: tally[v] for v in VERDICTS}}))

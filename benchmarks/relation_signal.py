@@ -39,17 +39,26 @@ from treegrpo.rollout import rollout
 from treegrpo.worlds.compose import parse_prompt
 
 
-def relation_holds(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """[N] 1.0 where a position prompt's relation holds between its matched objects (others: 1.0)."""
-    out = []
+def relation_margins(images: torch.Tensor, prompts: list[str]) -> list[float | None]:
+    """Per position prompt's image: how far (px) its first named object lies the named way from the
+    second (negative: the reverse way), or None when either is not found; the strict reward's
+    matching (`_match`) and margin."""
+    out: list[float | None] = []
     for prompt, dets in zip(prompts, detect(images)):
         spec = parse_prompt(prompt)
-        if spec.template != "position":
-            out.append(1.0)
-            continue
         (a, _), (b, _) = _match(spec, dets)
-        out.append(float(a is not None and b is not None and _relation_margin(a, b, spec.relation) > RELATION_MIN))
-    return torch.tensor(out)
+        out.append(None if a is None or b is None else _relation_margin(a, b, spec.relation))
+    return out
+
+
+def relation_holds(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """[N] 1.0 where a position prompt's relation holds between its matched objects (others: 1.0)."""
+    position = [i for i, p in enumerate(prompts) if parse_prompt(p).template == "position"]
+    out = torch.ones(len(prompts))
+    margins = relation_margins(images[position], [prompts[i] for i in position]) if position else []
+    for i, m in zip(position, margins):
+        out[i] = float(m is not None and m > RELATION_MIN)
+    return out
 
 
 @register_reward("relation")
@@ -62,14 +71,8 @@ def relation_following(images: torch.Tensor, prompts: list[str]) -> dict[str, fl
     """Over position prompts' images: the share with both named objects found ("found"), and among
     those the shares where the named relation holds by more than RELATION_MIN px ("holds") and where
     its reverse does ("reversed")."""
-    margins = []
-    for prompt, dets in zip(prompts, detect(images)):
-        spec = parse_prompt(prompt)
-        (a, _), (b, _) = _match(spec, dets)
-        if a is not None and b is not None:
-            margins.append(_relation_margin(a, b, spec.relation))
-    m = torch.tensor(margins)
-    return {"found": len(margins) / len(prompts), "holds": float((m > RELATION_MIN).float().mean()),
+    m = torch.tensor([x for x in relation_margins(images, prompts) if x is not None])
+    return {"found": len(m) / len(prompts), "holds": float((m > RELATION_MIN).float().mean()),
             "reversed": float((m < -RELATION_MIN).float().mean())}
 
 
