@@ -1,7 +1,6 @@
 """benchmarks/colour_check.py, the reward-independent second opinion: clean renders of every
 held-out prompt pass it, renders that break a prompt's count or relation fail it."""
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -11,10 +10,9 @@ from PIL import Image
 from treegrpo.worlds.compose import parse_prompt, render_scenes, sample_scene, split_prompts
 from treegrpo.worlds.compose_pipeline import miscaptioned
 
-_path = Path(__file__).parents[1] / "benchmarks" / "colour_check.py"
-_spec = importlib.util.spec_from_file_location("colour_check", _path)
-colour_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(colour_check)
+from benchmark_loader import load_benchmark
+
+colour_check = load_benchmark("colour_check")
 
 
 def _write(folder: Path, prompts: list[str], specs) -> None:

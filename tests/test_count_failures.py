@@ -2,18 +2,15 @@
 or a reshaped object each gets its own verdict."""
 
 import dataclasses
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
 
 from treegrpo.worlds.compose import Placed, parse_prompt, render_scenes, sample_scene
 
-_path = Path(__file__).parents[1] / "benchmarks" / "count_failures.py"
-_spec = importlib.util.spec_from_file_location("count_failures", _path)
-count_failures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(count_failures)
+from benchmark_loader import load_benchmark
+
+count_failures = load_benchmark("count_failures")
 
 
 def test_each_kind_of_counting_failure_gets_its_verdict():

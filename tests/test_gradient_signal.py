@@ -1,25 +1,15 @@
 """benchmarks/gradient_signal.py: its cosine reads the signal share of synthetic gradients, and its
 control keeps each prompt's advantages while breaking their tie to the edges."""
 
-import importlib.util
-import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
 
 from treegrpo.tree import EdgeBatch
 
-# One module object however the tests are ordered: benchmarks/matching_signal.py imports it too,
-# and a second execution would register its `brightness` reward twice.
-if "gradient_signal" in sys.modules:
-    gradient_signal = sys.modules["gradient_signal"]
-else:
-    _spec = importlib.util.spec_from_file_location(
-        "gradient_signal", Path(__file__).parents[1] / "benchmarks" / "gradient_signal.py")
-    gradient_signal = importlib.util.module_from_spec(_spec)
-    sys.modules["gradient_signal"] = gradient_signal
-    _spec.loader.exec_module(gradient_signal)
+from benchmark_loader import load_benchmark
+
+gradient_signal = load_benchmark("gradient_signal")
 
 
 def synthetic(rollouts: int, signal: float, dim: int = 20_000, seed: int = 0) -> torch.Tensor:

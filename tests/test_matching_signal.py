@@ -1,17 +1,11 @@
 """benchmarks/matching_signal.py: the advantage-weighted flow-matching loss moves the model toward
 its prompt's better leaves, and shared (t, eps) draws cancel the noise term exactly."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-_path = Path(__file__).parents[1] / "benchmarks" / "matching_signal.py"
-sys.path.insert(0, str(_path.parent))
-_spec = importlib.util.spec_from_file_location("matching_signal", _path)
-matching_signal = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(matching_signal)
+from benchmark_loader import load_benchmark
+
+matching_signal = load_benchmark("matching_signal")
 
 
 class LinearVelocity(torch.nn.Module):

@@ -1,7 +1,6 @@
 """benchmarks/object_areas.py measures what the renders were drawn with: circles of known radius
 come back with area pi r^2, and larger circles read larger."""
 
-import importlib.util
 import json
 import math
 import random
@@ -11,10 +10,9 @@ from PIL import Image
 
 from treegrpo.worlds.compose import Placed, render_scenes
 
-_path = Path(__file__).parents[1] / "benchmarks" / "object_areas.py"
-_spec = importlib.util.spec_from_file_location("object_areas", _path)
-object_areas = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(object_areas)
+from benchmark_loader import load_benchmark
+
+object_areas = load_benchmark("object_areas")
 
 
 def _circles(folder: Path, radius: float, n: int = 6) -> None:

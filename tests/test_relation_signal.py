@@ -2,16 +2,13 @@
 relation, the render of the reversed relation does not, and other templates score 1."""
 
 import dataclasses
-import importlib.util
 import random
-from pathlib import Path
 
 from treegrpo.worlds.compose import parse_prompt, render_scenes, sample_scene, split_prompts
 
-_path = Path(__file__).parents[1] / "benchmarks" / "relation_signal.py"
-_spec = importlib.util.spec_from_file_location("relation_signal", _path)
-relation_signal = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(relation_signal)
+from benchmark_loader import load_benchmark
+
+relation_signal = load_benchmark("relation_signal")
 
 REVERSED = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
 
