@@ -34,7 +34,7 @@ from treegrpo.config import load_config
 from treegrpo.evaluation import decode_chunked
 from treegrpo.prompts import load_prompts
 from treegrpo.rewards.base import register_reward
-from treegrpo.rewards.compose import RELATION_MIN, _match, _relation_margin, detect
+from treegrpo.rewards.compose import RELATION_MIN, detect, match_objects, relation_margin
 from treegrpo.rollout import rollout
 from treegrpo.worlds.compose import parse_prompt
 
@@ -42,12 +42,12 @@ from treegrpo.worlds.compose import parse_prompt
 def relation_margins(images: torch.Tensor, prompts: list[str]) -> list[float | None]:
     """Per position prompt's image: how far (px) its first named object lies the named way from the
     second (negative: the reverse way), or None when either is not found; the strict reward's
-    matching (`_match`) and margin."""
+    matching (`match_objects`) and margin."""
     out: list[float | None] = []
     for prompt, dets in zip(prompts, detect(images)):
         spec = parse_prompt(prompt)
-        (a, _), (b, _) = _match(spec, dets)
-        out.append(None if a is None or b is None else _relation_margin(a, b, spec.relation))
+        (a, _), (b, _) = match_objects(spec, dets)
+        out.append(None if a is None or b is None else relation_margin(a, b, spec.relation))
     return out
 
 

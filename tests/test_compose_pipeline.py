@@ -218,7 +218,7 @@ def test_pretraining_scenes_follow_position_share_and_relation_margin():
     code with the placement); out-of-range values are refused before any training."""
     import random
 
-    from treegrpo.rewards.compose import _match, _relation_margin, detect
+    from treegrpo.rewards.compose import detect, match_objects, relation_margin
     from treegrpo.worlds.compose import parse_prompt
     from treegrpo.worlds.compose_pipeline import pretrain_compose, sample_batch
 
@@ -229,8 +229,8 @@ def test_pretraining_scenes_follow_position_share_and_relation_margin():
     dets = detect(images[position])
     margins = []
     for i, d in zip(position, dets):
-        (a, _), (b, _) = _match(specs[i], d)
-        margins.append(_relation_margin(a, b, specs[i].relation))
+        (a, _), (b, _) = match_objects(specs[i], d)
+        margins.append(relation_margin(a, b, specs[i].relation))
     assert min(margins) > 11.0  # rendered at > 12 px; the detector's centres are within a pixel
     texts_default, _ = sample_batch(300, random.Random(3))
     assert 0.15 < sum(parse_prompt(t).template == "position" for t in texts_default) / 300 < 0.35

@@ -191,13 +191,13 @@ def detect(images: torch.Tensor) -> list[list[Detection]]:
 
 
 # ------------------------------------------------------------------------------------ verdicts
-def _relation_margin(a: Detection, b: Detection, relation: str) -> float:
+def relation_margin(a: Detection, b: Detection, relation: str) -> float:
     """How far (px) centre a is `relation` centre b on the relation's axis (negative: the wrong way)."""
     return {"to the left of": b.cx - a.cx, "to the right of": a.cx - b.cx,
             "above": b.cy - a.cy, "below": a.cy - b.cy}[relation]
 
 
-def _match(spec: PromptSpec, dets: list[Detection]) -> list[tuple[Detection | None, float]]:
+def match_objects(spec: PromptSpec, dets: list[Detection]) -> list[tuple[Detection | None, float]]:
     """For each named object of a two/position prompt: (matched detection, credit 1 / 0.5 / 0).
     Exact (colour and shape) matches are assigned before colour-only ones."""
     free = list(dets)
@@ -224,11 +224,11 @@ def constraints(spec: PromptSpec, dets: list[Detection]) -> list[float]:
         n, obj = len(spec.objects), spec.objects[0]
         m = sum(d.colour == obj.colour and d.shape == obj.shape for d in dets)
         return [max(0.0, 1.0 - abs(m - n) / n), float(len(dets) == n)]
-    matched = _match(spec, dets)
+    matched = match_objects(spec, dets)
     scores = [credit for _, credit in matched] + [float(len(dets) == 2)]
     if spec.template == "position":
         (a, _), (b, _) = matched
-        holds = a is not None and b is not None and _relation_margin(a, b, spec.relation) > RELATION_MIN
+        holds = a is not None and b is not None and relation_margin(a, b, spec.relation) > RELATION_MIN
         scores.append(float(holds))
     return scores
 
@@ -270,12 +270,12 @@ def soft_constraints(spec: PromptSpec, dets: list[Detection]) -> list[float]:
         n, obj = len(spec.objects), spec.objects[0]
         m = sum(shape_credit(d, obj.shape) for d in dets if d.colour == obj.colour)
         return [max(0.0, 1.0 - abs(m - n) / n), float(len(dets) == n)]
-    matched = _match(spec, dets)
+    matched = match_objects(spec, dets)
     scores = [0.0 if d is None else 0.5 + 0.5 * shape_credit(d, obj.shape) for (d, _), obj in zip(matched, spec.objects)]
     scores.append(float(len(dets) == 2))
     if spec.template == "position":
         (a, _), (b, _) = matched
-        scores.append(0.0 if a is None or b is None else _ramp(_relation_margin(a, b, spec.relation) / (2 * RELATION_MIN)))
+        scores.append(0.0 if a is None or b is None else _ramp(relation_margin(a, b, spec.relation) / (2 * RELATION_MIN)))
     return scores
 
 
