@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from treegrpo.worlds.compose import BACKGROUND, COLOURS, TEMPLATES, _relation_holds, parse_prompt
+from treegrpo.worlds.compose import BACKGROUND, COLOURS, TEMPLATES, parse_prompt, relation_holds_between
 
 NEAR = 0.25
 MIN_PIXELS = 6
@@ -72,10 +72,10 @@ def passes(prompt: str, found: list[tuple[str, float, float]]) -> bool:
     if a.colour == b.colour:  # same colour: either object may be the subject
         (_, x1, y1), (_, x2, y2) = found
         first, second = (x1, y1), (x2, y2)
-        return _relation_holds(first, second, spec.relation, MARGIN) or _relation_holds(second, first, spec.relation, MARGIN)
+        return any(relation_holds_between(p, q, spec.relation, MARGIN) for p, q in ((first, second), (second, first)))
     pa = next((x, y) for c, x, y in found if c == a.colour)
     pb = next((x, y) for c, x, y in found if c == b.colour)
-    return _relation_holds(pa, pb, spec.relation, MARGIN)
+    return relation_holds_between(pa, pb, spec.relation, MARGIN)
 
 
 def check(folder: Path) -> dict[str, float]:

@@ -162,7 +162,7 @@ class Placed:
     r: float
 
 
-def _relation_holds(a: tuple[float, float], b: tuple[float, float], relation: str, margin: float) -> bool:
+def relation_holds_between(a: tuple[float, float], b: tuple[float, float], relation: str, margin: float) -> bool:
     """Whether centre a is `relation` centre b by more than `margin` px on the relation's axis."""
     if relation == "to the left of":
         return b[0] - a[0] > margin
@@ -192,7 +192,7 @@ def sample_scene(spec: PromptSpec, rng: random.Random, size: int = IMAGE_SIZE, t
                 break
         if len(placed) != len(spec.objects):
             continue
-        if spec.relation is not None and not _relation_holds(
+        if spec.relation is not None and not relation_holds_between(
                 (placed[0].cx, placed[0].cy), (placed[1].cx, placed[1].cy), spec.relation, relation_margin):
             continue
         return placed
