@@ -7,7 +7,7 @@ Four uses (docs/benchmarks.md sections 11 and 18):
     .venv/bin/python benchmarks/relation_signal.py prompts OUT
 
     # within-tree vs total variance of the relation verdict on 16 position training prompts, one
-    # tree each (the demo's k = 3, w = 3), branching at the given window starts
+    # tree each (k = 3, w = 3, the paper's), branching at the given window starts
     .venv/bin/python benchmarks/relation_signal.py variance 0 4
 
     # does a pipeline follow the relation words? ODE samples of 64 training position prompts x 8 seeds:
@@ -17,7 +17,8 @@ Four uses (docs/benchmarks.md sections 11 and 18):
 
     # `treegrpo train ...` with the reward `relation` registered: 1 when a position prompt's two named
     # objects are found and the relation holds by more than 2 px (the strict reward's relation test),
-    # 0 when not; every other prompt scores 1
+    # 0 when not; every other prompt scores 1. Also `relation_graded`: the margin (px) the named way
+    # over 12 px, clipped to [-1, 1] (-1 when an object is missing)
     .venv/bin/python benchmarks/relation_signal.py train configs/compose_treegrpo.yaml \
         "reward.weights={relation: 1.0}" ...
 """
@@ -67,6 +68,26 @@ class Relation:
         return relation_holds(images, prompts)
 
 
+GRADED_SPAN = 12.0  # px of margin for full credit: the margin at which pretraining taught the words (section 18)
+
+
+def relation_graded(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """[N] a position prompt's relation margin / GRADED_SPAN clipped to [-1, 1] (-1 when either named
+    object is not found); every other prompt scores 1. Rewards a clear layout over a barely held one."""
+    position = [i for i, p in enumerate(prompts) if parse_prompt(p).template == "position"]
+    out = torch.ones(len(prompts))
+    margins = relation_margins(images[position], [prompts[i] for i in position]) if position else []
+    for i, m in zip(position, margins):
+        out[i] = -1.0 if m is None else max(-1.0, min(1.0, m / GRADED_SPAN))
+    return out
+
+
+@register_reward("relation_graded")
+class RelationGraded:
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return relation_graded(images, prompts)
+
+
 def relation_following(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
     """Over position prompts' images: the share with both named objects found ("found"), and among
     those the shares where the named relation holds by more than RELATION_MIN px ("holds") and where
@@ -98,7 +119,7 @@ def variance(starts: list[int], num_prompts: int = 16) -> None:
     for start in starts:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = load_config("configs/compose_treegrpo.yaml", [
-                "log.trackers=[]", "train.progress=false", "log.tree_every=0", "eval.every=0",
+                "log.trackers=[]", "train.progress=false", "log.tree_every=0", "eval.every=0", "method.k=3",
                 "method.window_mode=fixed", f"method.window_start={start}"])
             trainer = Trainer(cfg, Path(tmp) / "run")
             shape = trainer.method.shape_for(0, torch.Generator().manual_seed(0))
