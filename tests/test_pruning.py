@@ -7,7 +7,7 @@ import torch
 
 from treegrpo.advantages import backup, tree_advantages
 from treegrpo.policies.analytic import GaussianPolicy
-from treegrpo.pruning import clean_estimate, max_spread_subset, probe_correlation
+from treegrpo.pruning import clean_estimate, max_spread_subset, probe_correlation, random_subset
 from treegrpo.rollout import rollout
 from treegrpo.tree import StepSpread, Tree, TreeShape, WindowSchedule, sibling_spread, trained_edges
 from treegrpo.tree_record import TreeRecord, record_tree
@@ -100,6 +100,18 @@ def test_max_spread_subset_keeps_the_extremes_of_each_group():
     assert nan.tolist()[0] and int(nan.sum()) == 2
     with pytest.raises(ValueError, match="keep_share"):
         max_spread_subset(values, group, 0.0)
+
+
+def test_random_subset_keeps_the_same_budget_and_follows_its_seeds():
+    group = torch.tensor([0] * 27 + [1] * 27 + [2] * 4)
+    kept = random_subset(group, 0.5, [11, 12, 13])
+    assert [int(kept[group == p].sum()) for p in range(3)] == [14, 14, 2]  # max(2, round(0.5 n)), as max_spread_subset
+    assert torch.equal(kept, random_subset(group, 0.5, [11, 12, 13]))  # deterministic: resumes and ranks agree
+    assert not torch.equal(kept[:27], random_subset(group, 0.5, [99, 12, 13])[:27])  # a group's draw is its seed's
+    assert torch.equal(kept[27:], random_subset(group, 0.5, [99, 12, 13])[27:])
+    # Over many seeds every node is kept about half the time: blind to position and value.
+    share = torch.stack([random_subset(group[:27], 0.5, [s]) for s in range(400)]).float().mean(0)
+    assert float(share.min()) > 0.4 and float(share.max()) < 0.64
 
 
 def _pruned_tree():
@@ -228,10 +240,13 @@ def _records(run):
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("value, objective", [("drop", "policy_gradient"), ("probe", "policy_gradient"),
-                                              ("drop", "flow_matching")])
-def test_pruned_adaptive_training_resumes_bitwise(tmp_path, value, objective):
-    extra = ("method.prune_keep=0.5", f"method.prune_value={value}", f"optim.objective={objective}")
+@pytest.mark.parametrize("value, objective, select", [("drop", "policy_gradient", "spread"),
+                                                      ("probe", "policy_gradient", "spread"),
+                                                      ("drop", "flow_matching", "spread"),
+                                                      ("drop", "flow_matching", "random")])
+def test_pruned_adaptive_training_resumes_bitwise(tmp_path, value, objective, select):
+    extra = ("method.prune_keep=0.5", f"method.prune_value={value}", f"optim.objective={objective}",
+             f"method.prune_select={select}")
     if objective == "flow_matching":
         extra += ("optim.minibatches=1", "optim.matching_draws=2")
     straight = _trainer(tmp_path / "a", 6, *extra)
@@ -259,11 +274,24 @@ def test_pruned_adaptive_training_resumes_bitwise(tmp_path, value, objective):
             assert r["model_calls/train"] == r["leaves"] * 2
 
 
+def test_random_selection_completes_other_leaves_than_the_probes_choice(tmp_path):
+    """prune_select=random is used, not just accepted: same budget, same seeds, other leaves completed."""
+    runs = {}
+    for select in ("spread", "random"):
+        trainer = _trainer(tmp_path / select, 1, "method.prune_keep=0.5", f"method.prune_select={select}")
+        trainer.train()
+        runs[select] = _records(tmp_path / select)[1]
+    assert runs["spread"]["pruned_nodes"] == runs["random"]["pruned_nodes"] == 4
+    assert runs["spread"]["train/reward_mean"] != runs["random"]["train/reward_mean"]
+
+
 @pytest.mark.parametrize("override, match", [
     ("method.prune_keep=0", "prune_keep must be in"),
     ("method.prune_keep=1.5", "prune_keep must be in"),
     ("method.prune_value=best", "prune_value must be drop or probe"),
     ("method.prune_value=probe", "set method.prune_keep < 1"),
+    ("method.prune_select=best", "prune_select must be spread or random"),
+    ("method.prune_select=random", "set method.prune_keep < 1"),
     ("method.window_mode=learnt", "random, shift, cycle, fixed or adaptive"),
     ("method.window_decay=1", "window_decay must be in"),
     ("method.window_explore=-0.1", "window_explore must be in"),

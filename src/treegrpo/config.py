@@ -70,6 +70,7 @@ class MethodConfig:
     # ODE tails (1 = off); pruned nodes are dropped from the backup or valued by their probe
     prune_keep: float = 1.0
     prune_value: str = "drop"  # drop (completed leaves only) or probe (pruned nodes keep their probe reward)
+    prune_select: str = "spread"  # spread (the probe's max-spread subset) or random (same budget, blind: a control)
     trees_per_prompt: int = 1  # independent trees per prompt (TreeGRPO), roots for the others
     # group methods
     group_size: int = 12  # G: chains (Flow-GRPO) or branches (DanceGRPO, MixGRPO)
@@ -356,6 +357,9 @@ def validate(config: Config) -> None:
         (m.prune_value in ("drop", "probe"), f"method.prune_value must be drop or probe, got {m.prune_value!r}"),
         (m.prune_value == "drop" or m.prune_keep < 1,
          "method.prune_value=probe values pruned nodes, but nothing is pruned: set method.prune_keep < 1 as well"),
+        (m.prune_select in ("spread", "random"), f"method.prune_select must be spread or random, got {m.prune_select!r}"),
+        (m.prune_select == "spread" or m.prune_keep < 1,
+         "method.prune_select=random chooses which nodes to prune, but nothing is pruned: set method.prune_keep < 1 as well"),
         (not (m.prune_value == "probe" and m.edge_baseline == "parent"),
          "method.edge_baseline=parent centres on the leaves below a node and cannot use probe values: set "
          "method.prune_value=drop or method.edge_baseline=none"),

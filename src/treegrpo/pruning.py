@@ -38,6 +38,13 @@ def clean_estimate(schedule: Schedule, x: torch.Tensor, model_out: torch.Tensor,
     return (x32 - torch.sqrt(1 - ab) * out) / torch.sqrt(ab)
 
 
+def _budget(n: int, keep_share: float) -> int:
+    """Nodes of a group of n that get their tails: max(2, round(keep_share * n)), at most n."""
+    if not 0 < keep_share <= 1:
+        raise ValueError(f"keep_share must be in (0, 1], got {keep_share}")
+    return min(n, max(2, round(keep_share * n)))
+
+
 def max_spread_subset(values: torch.Tensor, group: torch.Tensor, keep_share: float) -> torch.Tensor:
     """[N] bool: per group, the ``max(2, round(keep_share * n))`` nodes (at most n) whose values
     have the largest variance. values: [N] float (probe rewards), group: [N] long (prompt index).
@@ -46,8 +53,6 @@ def max_spread_subset(values: torch.Tensor, group: torch.Tensor, keep_share: flo
     so it suffices to try every j. Nodes with non-finite values are always kept (there is no
     evidence to prune them on) and count towards the group's budget.
     """
-    if not 0 < keep_share <= 1:
-        raise ValueError(f"keep_share must be in (0, 1], got {keep_share}")
     if values.shape != group.shape:
         raise ValueError(f"values {tuple(values.shape)} and group {tuple(group.shape)} differ in shape")
     kept = torch.zeros(values.shape, dtype=torch.bool)
@@ -56,7 +61,7 @@ def max_spread_subset(values: torch.Tensor, group: torch.Tensor, keep_share: flo
     for p in torch.unique(g).tolist():
         members = torch.nonzero(g == p).squeeze(1)
         n = members.shape[0]
-        budget = min(n, max(2, round(keep_share * n)))
+        budget = _budget(n, keep_share)
         finite = torch.isfinite(v[members])
         kept[members[~finite]] = True
         budget -= int((~finite).sum())
@@ -77,6 +82,19 @@ def max_spread_subset(values: torch.Tensor, group: torch.Tensor, keep_share: flo
             kept[order[order.shape[0] - hi:]] = True
     return kept
 
+
+
+def random_subset(group: torch.Tensor, keep_share: float, seeds: list[int]) -> torch.Tensor:
+    """[N] bool: per group p, ``max(2, round(keep_share * n))`` of its nodes drawn uniformly with a
+    generator seeded by ``seeds[p]``; the same budget as `max_spread_subset`, blind to the probe. The
+    control that tells the probe's choice from the mere halving of the leaves (`prune_select: random`)."""
+    kept = torch.zeros(group.shape, dtype=torch.bool)
+    g = group.cpu()
+    for p in torch.unique(g).tolist():
+        members = torch.nonzero(g == p).squeeze(1)
+        order = torch.randperm(members.shape[0], generator=torch.Generator().manual_seed(seeds[p]))
+        kept[members[order[:_budget(members.shape[0], keep_share)]]] = True
+    return kept
 
 def probe_correlation(probe: torch.Tensor, reward: torch.Tensor, group: torch.Tensor) -> tuple[float, float]:
     """Pooled within-group Pearson correlation of the completed nodes' probe values [K] with their

@@ -61,7 +61,7 @@ from treegrpo.rollout import rollout, transition
 from treegrpo.steps import gaussian_log_prob
 from treegrpo.stopping import StopSignals, TrainingStopped
 from treegrpo.tracking import RunLogger, truncate_metrics
-from treegrpo.pruning import max_spread_subset, probe_correlation
+from treegrpo.pruning import max_spread_subset, probe_correlation, random_subset
 from treegrpo.tree import EdgeBatch, TreeShape, sibling_spread, trained_edges
 from treegrpo.tree_record import TreeRecord, record_tree
 
@@ -326,7 +326,7 @@ class Trainer:
         streams = [torch.Generator().manual_seed(s) for s in seeds[own]]
         cond = self.policy.encode_prompts(prompts)
         probed: dict[str, Any] = {}  # value-guided pruning: the probe's scores and values
-        probe = self._probe(prompts, probed) if c.method.prune_keep < 1 else None
+        probe = self._probe(prompts, probed, seeds[own]) if c.method.prune_keep < 1 else None
         tree = rollout(self.policy, prompts, shape, num_steps=self.num_steps, sampler=self.method.sampler,
                        generator=streams, max_batch=c.train.max_batch, cond=cond, probe=probe)
         # Rewards on the decoded leaves; non-finite scores are masked out of statistics and training.
@@ -409,9 +409,10 @@ class Trainer:
         """[L] the weighted training reward of each image (non-finite scores count as 0)."""
         return sum(self.config.reward.weights[n] * torch.nan_to_num(s) for n, s in scores.items())  # type: ignore[return-value]
 
-    def _probe(self, prompts: list[str], probed: dict[str, Any]):
+    def _probe(self, prompts: list[str], probed: dict[str, Any], seeds: list[int]):
         """The rollout's value probe: decode the clean estimates [N, ...] of the prune level, score
-        them with the training rewards, keep each prompt's max-spread share (`treegrpo.pruning`)."""
+        them with the training rewards, keep each prompt's max-spread share (`treegrpo.pruning`), or
+        with `prune_select: random` a random share of the same size (drawn from the prompt's seed)."""
         c = self.config
 
         def probe(x0: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
@@ -421,6 +422,8 @@ class Trainer:
             finite = torch.stack([torch.isfinite(s) for s in scores.values()]).all(dim=0)
             value = torch.where(finite, self._weighted(scores), torch.full_like(finite, math.nan, dtype=torch.float32))
             probed.update(scores=scores, value=value)
+            if c.method.prune_select == "random":
+                return random_subset(prompt_index.cpu(), c.method.prune_keep, [s ^ 0x5EED for s in seeds])
             return max_spread_subset(value, prompt_index.cpu(), c.method.prune_keep)
 
         return probe
