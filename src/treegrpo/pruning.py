@@ -11,6 +11,8 @@ are pruned before their tails: each saves ``T - prune_level - 1`` model calls.
 
 The backup then uses the completed leaves only (``prune_value: drop``) or also the probe value of
 every pruned node (``probe``: probe rewards are normalised together with the leaf rewards).
+``prune_select: random`` keeps a random share of the same size instead, blind to the probe: the
+control that tells what the probe's choice adds to the mere halving of the leaves.
 """
 
 from __future__ import annotations
@@ -83,7 +85,6 @@ def max_spread_subset(values: torch.Tensor, group: torch.Tensor, keep_share: flo
     return kept
 
 
-
 def random_subset(group: torch.Tensor, keep_share: float, seeds: list[int]) -> torch.Tensor:
     """[N] bool: per group p, ``max(2, round(keep_share * n))`` of its nodes drawn uniformly with a
     generator seeded by ``seeds[p]``; the same budget as `max_spread_subset`, blind to the probe. The
@@ -95,6 +96,7 @@ def random_subset(group: torch.Tensor, keep_share: float, seeds: list[int]) -> t
         order = torch.randperm(members.shape[0], generator=torch.Generator().manual_seed(seeds[p]))
         kept[members[order[:_budget(members.shape[0], keep_share)]]] = True
     return kept
+
 
 def probe_correlation(probe: torch.Tensor, reward: torch.Tensor, group: torch.Tensor) -> tuple[float, float]:
     """Pooled within-group Pearson correlation of the completed nodes' probe values [K] with their

@@ -422,7 +422,7 @@ class Trainer:
             finite = torch.stack([torch.isfinite(s) for s in scores.values()]).all(dim=0)
             value = torch.where(finite, self._weighted(scores), torch.full_like(finite, math.nan, dtype=torch.float32))
             probed.update(scores=scores, value=value)
-            if c.method.prune_select == "random":
+            if c.method.prune_select == "random":  # its own stream per prompt, apart from the rollout's noise
                 return random_subset(prompt_index.cpu(), c.method.prune_keep, [s ^ 0x5EED for s in seeds])
             return max_spread_subset(value, prompt_index.cpu(), c.method.prune_keep)
 
