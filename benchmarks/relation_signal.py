@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,14 +53,20 @@ def relation_margins(images: torch.Tensor, prompts: list[str]) -> list[float | N
     return out
 
 
-def relation_holds(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """[N] 1.0 where a position prompt's relation holds between its matched objects (others: 1.0)."""
+def _score_position_prompts(images: torch.Tensor, prompts: list[str],
+                            score: Callable[[float | None], float]) -> torch.Tensor:
+    """[N] score(margin) for each position prompt's image (`relation_margins`), 1.0 for the others."""
     position = [i for i, p in enumerate(prompts) if parse_prompt(p).template == "position"]
     out = torch.ones(len(prompts))
     margins = relation_margins(images[position], [prompts[i] for i in position]) if position else []
     for i, m in zip(position, margins):
-        out[i] = float(m is not None and m > RELATION_MIN)
+        out[i] = score(m)
     return out
+
+
+def relation_holds(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """[N] 1.0 where a position prompt's relation holds between its matched objects (others: 1.0)."""
+    return _score_position_prompts(images, prompts, lambda m: float(m is not None and m > RELATION_MIN))
 
 
 @register_reward("relation")
@@ -74,12 +81,8 @@ GRADED_SPAN = 12.0  # px of margin for full credit: the margin at which pretrain
 def relation_graded(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """[N] a position prompt's relation margin / GRADED_SPAN clipped to [-1, 1] (-1 when either named
     object is not found); every other prompt scores 1. Rewards a clear layout over a barely held one."""
-    position = [i for i, p in enumerate(prompts) if parse_prompt(p).template == "position"]
-    out = torch.ones(len(prompts))
-    margins = relation_margins(images[position], [prompts[i] for i in position]) if position else []
-    for i, m in zip(position, margins):
-        out[i] = -1.0 if m is None else max(-1.0, min(1.0, m / GRADED_SPAN))
-    return out
+    return _score_position_prompts(images, prompts,
+                                   lambda m: -1.0 if m is None else max(-1.0, min(1.0, m / GRADED_SPAN)))
 
 
 @register_reward("relation_graded")
