@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from treegrpo.bench import area_under_curve, mean_ci95, parse_variant, run_bench, summarise, time_to_reach
+from treegrpo.bench import area_under_curve, format_table, mean_ci95, parse_variant, run_bench, summarise, time_to_reach
 from treegrpo.cli import main
 from treegrpo.config import ConfigError
 from treegrpo.worlds.shapes import SHAPES_WORLD
@@ -122,8 +122,9 @@ def test_lr_sweep_reports_each_method_at_its_best_lr_with_the_usual_run_dirs(tmp
     results = json.loads((out / "results.json").read_text())
     tree = results["methods"]["treegrpo"]
     assert set(tree["lr_sweep"]) == {"1e-4", "3e-1"}
-    best = max(tree["lr_sweep"], key=lambda lr: tree["lr_sweep"][lr]["auc"])
-    assert tree["best_lr"] == float(best) and tree["auc"] == tree["lr_sweep"][best]["auc"]
+    best = max(tree["lr_sweep"], key=lambda lr: tree["lr_sweep"][lr]["final_reward"])  # --lr-pick final, the default
+    assert results["lr_pick"] == "final"
+    assert tree["best_lr"] == float(best) and tree["final_reward"] == tree["lr_sweep"][best]["final_reward"]
     assert tree["runs"] == [f"treegrpo-lr{best}-seed0"]
     for lr in ("1e-4", "3e-1"):
         assert (out / f"treegrpo-lr{lr}-seed0" / "summary.json").is_file()
@@ -133,6 +134,25 @@ def test_lr_sweep_reports_each_method_at_its_best_lr_with_the_usual_run_dirs(tmp
     assert any((link / "checkpoints").iterdir())
     assert "Learning-rate sweep" in (out / "results.md").read_text()
     assert "to_reach" in tree and "curves" in tree
+
+
+def test_lr_pick_names_the_best_lr_by_final_or_by_area(tmp_path):
+    # lr 2e-4 rises fast and falls back (the larger area, the lower final); lr 5e-5 climbs steadily
+    def rows(curve):
+        return [{"iteration": i, "wall_seconds": 10.0 * i, "model_calls/rollout": 10, "model_calls/train": 5,
+                 "model_calls/total": 15 * i, "eval/acc/strict": r, "eval/reward/compose": r} for i, r in enumerate(curve)]
+
+    sweeps = {"m": {lr: [_write_run(tmp_path / f"m-lr{lr}-seed{seed}", rows(curve)) for seed in (0, 1)]
+                    for lr, curve in (("2e-4", [0.2, 0.8, 0.5]), ("5e-5", [0.2, 0.4, 0.6]))}}
+    by_final = summarise({}, sweeps)
+    by_area = summarise({}, sweeps, lr_pick="area")
+    assert by_final["lr_pick"] == "final" and by_area["lr_pick"] == "area"
+    assert by_final["methods"]["m"]["best_lr"] == 5e-5 and by_final["methods"]["m"]["final_reward"] == pytest.approx(0.6)
+    assert by_area["methods"]["m"]["best_lr"] == 2e-4 and by_area["methods"]["m"]["final_reward"] == pytest.approx(0.5)
+    assert by_final["methods"]["m"]["lr_sweep"] == by_area["methods"]["m"]["lr_sweep"]
+    assert "highest mean final" in format_table(by_final) and "highest mean area" in format_table(by_area)
+    with pytest.raises(ValueError, match="lr_pick"):
+        summarise({}, sweeps, lr_pick="peak")
 
 
 def test_bad_lr_sweep_and_eval_cadence_are_refused(tmp_path, capsys):

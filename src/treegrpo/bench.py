@@ -14,7 +14,9 @@ config with overrides, e.g. ``--variant k2:method.k=2`` or ``--variant softmax:m
 
 Statistics: finals and areas as mean +- the 95% Student-t half-width over seeds; the area under the
 held-out curve (trapezoids over training seconds, divided by the span: the run's mean reward);
-`--lr-sweep` runs every line at each learning rate and reports each at its best (by area);
+`--lr-sweep` runs every line at each learning rate and reports each at its best (`--lr-pick`: by
+mean final reward, the default, or by mean area; docs/benchmarks.md section 25 saw the area pick a
+rate whose finals were the worst and least stable);
 "time to reach" interpolates linearly between the two evaluations around the crossing, so it is
 not quantised by `eval.every` (`--eval-every` sets the cadence of every run).
 """
@@ -174,19 +176,27 @@ def _summarise_line(dirs: list[Path]) -> dict[str, Any]:
     }
 
 
+LR_PICKS = {"final": "final_reward", "area": "auc"}  # --lr-pick: which mean over seeds names a line's best lr
+
+
 def summarise(runs: dict[str, list[Path]], sweeps: dict[str, dict[str, list[Path]]] | None = None,
-              interpolate: bool = True) -> dict[str, Any]:
+              interpolate: bool = True, lr_pick: str = "final") -> dict[str, Any]:
     """Aggregate runs {line: [run dirs over seeds]} into the results structure.
 
     sweeps: {line: {lr: [run dirs]}} for learning-rate swept lines: each line is then reported at
-    its lr with the highest mean area under the held-out curve (`best_lr`), every lr's final reward
-    and area under `lr_sweep`. interpolate: see `time_to_reach`."""
+    its best lr (`best_lr`: the highest mean final reward, or with lr_pick="area" the highest mean
+    area under the held-out curve), every lr's final reward and area under `lr_sweep`.
+    interpolate: see `time_to_reach`."""
+    if lr_pick not in LR_PICKS:
+        raise ValueError(f"lr_pick must be one of {sorted(LR_PICKS)}, got {lr_pick!r}")
     results: dict[str, Any] = {"methods": {}, "reach": "interpolated" if interpolate else "first evaluation"}
     for name, dirs in runs.items():
         results["methods"][name] = _summarise_line(dirs)
+    if sweeps:
+        results["lr_pick"] = lr_pick
     for name, by_lr in (sweeps or {}).items():
         lines = {lr: _summarise_line(dirs) for lr, dirs in by_lr.items()}
-        best = max(lines, key=lambda lr: lines[lr]["auc"])
+        best = max(lines, key=lambda lr: lines[lr][LR_PICKS[lr_pick]])
         results["methods"][name] = {**lines[best], "best_lr": float(best), "lr_sweep": {
             lr: {k: m[k] for k in ("final_reward", "final_reward_ci95", "auc", "auc_ci95", "seeds", "runs")}
             for lr, m in lines.items()}}
@@ -243,7 +253,8 @@ def format_table(results: dict[str, Any]) -> str:
                      + " | ".join(reach) + " |")
     sweeps = {n: m["lr_sweep"] for n, m in methods.items() if "lr_sweep" in m}
     if sweeps:
-        lines += ["", "Learning-rate sweep (each method reported at its lr with the highest mean area):", "",
+        pick = results.get("lr_pick", "area")  # results.json written before --lr-pick: area
+        lines += ["", f"Learning-rate sweep (each method reported at its lr with the highest mean {pick}):", "",
                   "| method | lr | final | area |", "|---|---|---|---|"]
         for name, sweep in sweeps.items():
             for lr, m in sweep.items():
@@ -296,12 +307,13 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
 
 
 def run_bench(out: str | Path, methods: list[str], seeds: list[int], variants: list[str], common: list[str],
-              progress: bool = True, lr_sweep: list[str] | None = None, interpolate: bool = True) -> dict[str, Any]:
+              progress: bool = True, lr_sweep: list[str] | None = None, interpolate: bool = True,
+              lr_pick: str = "final") -> dict[str, Any]:
     """Run every (method or variant, seed), then write results.json, results.md and the plots.
 
     lr_sweep: learning rates (as written, e.g. "1e-4") to try for every line: runs go to
     ``{line}-lr{lr}-seed{seed}`` and ``{line}-seed{seed}`` becomes a link to the best lr's run (by
-    mean area under the held-out curve). interpolate: see `time_to_reach`."""
+    `lr_pick`, see `summarise`). interpolate: see `time_to_reach`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [Variant(m, method_config(m)) for m in methods] + [parse_variant(v) for v in variants]
@@ -329,7 +341,7 @@ def run_bench(out: str | Path, methods: list[str], seeds: list[int], variants: l
                 else:
                     runs.setdefault(line.name, []).append(path)
                 bar.update(1)
-    results = summarise(runs, sweeps, interpolate=interpolate)
+    results = summarise(runs, sweeps, interpolate=interpolate, lr_pick=lr_pick)
     for name, m in results["methods"].items():
         if "best_lr" in m:  # {line}-seed{seed} -> the best lr's run, so every line has its usual run dirs
             best = next(lr for lr in m["lr_sweep"] if float(lr) == m["best_lr"])

@@ -6,7 +6,7 @@
                   [--reward-option NAME:KEY=VALUE ...] [--images DIR] [--baseline BASE.json] [--out FILE.json]
     treegrpo pretrain {compose|shapes|classifier} [--out PATH] [--steps N] [--seed S] [--caption-noise Q]
                       [--position-share P] [--relation-margin PX]
-    treegrpo bench [--methods a,b] [--seeds 0 1 2] [--variant NAME:key=value,...] [--lr-sweep 1e-4,2e-4]
+    treegrpo bench [--methods a,b] [--seeds 0 1 2] [--variant NAME:key=value,...] [--lr-sweep 1e-4,2e-4 [--lr-pick final|area]]
                    [--eval-every N] [--reach interpolate|first] [--quick] [--out DIR]
     treegrpo report {RUN_DIR|BENCH_DIR} [--out FILE]
     treegrpo serve-reward NAME [--host 127.0.0.1] [--port N] [--reward-option KEY=VALUE ...]
@@ -285,7 +285,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     lr_sweep = [lr for lr in args.lr_sweep.split(",") if lr.strip()] if args.lr_sweep else None
     out = Path(args.out or ("runs/bench_quick" if args.quick else "runs/bench"))
     run_bench(out, methods, seeds, args.variant, common, progress=not args.quiet, lr_sweep=lr_sweep,
-              interpolate=args.reach == "interpolate")
+              interpolate=args.reach == "interpolate", lr_pick=args.lr_pick)
     from treegrpo.report import write_bench_report
 
     print((out / "results.md").read_text())
@@ -350,7 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an extra line, e.g. k2:method.k=2 or softmax:method.backup=softmax (repeatable)")
     bench.add_argument("--quick", action="store_true", help="TreeGRPO vs DanceGRPO, one seed, 40 s each")
     bench.add_argument("--lr-sweep", metavar="LR,LR,...",
-                       help="run every method at each learning rate and report each at its best (by area under the held-out curve)")
+                       help="run every method at each learning rate and report each at its best (see --lr-pick)")
+    bench.add_argument("--lr-pick", choices=["final", "area"], default="final",
+                       help="with --lr-sweep, a line's best lr: the highest mean final held-out reward (default) "
+                            "or the highest mean area under the held-out curve")
     bench.add_argument("--eval-every", type=int, metavar="N", help="held-out evaluation every N iterations in every run")
     bench.add_argument("--reach", choices=["interpolate", "first"], default="interpolate",
                        help="time to reach a reward: interpolated between evaluations (default) or the first evaluation at or above it")
