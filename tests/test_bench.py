@@ -153,6 +153,9 @@ def test_lr_pick_names_the_best_lr_by_final_or_by_area(tmp_path):
     assert "highest mean final" in format_table(by_final) and "highest mean area" in format_table(by_area)
     with pytest.raises(ValueError, match="lr_pick"):
         summarise({}, sweeps, lr_pick="peak")
+    with pytest.raises(ValueError, match="lr_pick"):  # refused before any run starts
+        run_bench(tmp_path / "bench", ["treegrpo"], [0], [], TINY, progress=False, lr_sweep=["1e-4"], lr_pick="peak")
+    assert not (tmp_path / "bench" / "treegrpo-lr1e-4-seed0").exists()
 
 
 def test_bad_lr_sweep_and_eval_cadence_are_refused(tmp_path, capsys):

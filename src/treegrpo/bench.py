@@ -179,6 +179,11 @@ def _summarise_line(dirs: list[Path]) -> dict[str, Any]:
 LR_PICKS = {"final": "final_reward", "area": "auc"}  # --lr-pick: which mean over seeds names a line's best lr
 
 
+def _check_lr_pick(lr_pick: str) -> None:
+    if lr_pick not in LR_PICKS:
+        raise ValueError(f"lr_pick must be one of {sorted(LR_PICKS)}, got {lr_pick!r}")
+
+
 def summarise(runs: dict[str, list[Path]], sweeps: dict[str, dict[str, list[Path]]] | None = None,
               interpolate: bool = True, lr_pick: str = "final") -> dict[str, Any]:
     """Aggregate runs {line: [run dirs over seeds]} into the results structure.
@@ -187,8 +192,7 @@ def summarise(runs: dict[str, list[Path]], sweeps: dict[str, dict[str, list[Path
     its best lr (`best_lr`: the highest mean final reward, or with lr_pick="area" the highest mean
     area under the held-out curve), every lr's final reward and area under `lr_sweep`.
     interpolate: see `time_to_reach`."""
-    if lr_pick not in LR_PICKS:
-        raise ValueError(f"lr_pick must be one of {sorted(LR_PICKS)}, got {lr_pick!r}")
+    _check_lr_pick(lr_pick)
     results: dict[str, Any] = {"methods": {}, "reach": "interpolated" if interpolate else "first evaluation"}
     for name, dirs in runs.items():
         results["methods"][name] = _summarise_line(dirs)
@@ -318,6 +322,7 @@ def run_bench(out: str | Path, methods: list[str], seeds: list[int], variants: l
     out.mkdir(parents=True, exist_ok=True)
     lines = [Variant(m, method_config(m)) for m in methods] + [parse_variant(v) for v in variants]
     lrs = [_check_lr(lr) for lr in lr_sweep or []]
+    _check_lr_pick(lr_pick)  # before the first run, not after hours of them
     names = [line.name for line in lines]
     if len(set(names)) != len(names):
         raise ConfigError(f"two bench lines share a name: {sorted(n for n in names if names.count(n) > 1)}")
